@@ -1,0 +1,201 @@
+"""Device semantics: the ioctl table of /dev/ksm and of SMA files, quirks included.
+
+Every open of the device node is a :class:`DeviceFile` unless it is the open
+that the fd hand-out injected into a CREATE_SHARED_MEMORY_AREA caller, which
+becomes that SMA's :class:`SmaFile`.  Both live behind the FUSE file handle
+the kernel gives back with every request.
+
+This layer decides *what* each call does and returns; it performs no I/O of
+its own.  Two things it needs from the outside are injected: the engine (the
+state the calls change) and ``open_space``, which pins a caller's memory.
+CREATE_SHARED_MEMORY_AREA cannot finish here - only the daemon can put an fd
+into the caller - so it yields a :class:`HandOut` for the daemon to carry out.
+
+Quirks of the 2009 driver reproduced on purpose (see README, "Quirks"):
+
+* GET_INFO_KTHREAD is encoded ``_IOW`` but copies the structure *out*.
+* START_STOP_KTHREAD with the run flag and ``pages_to_scan == 0`` returns
+  positive 1 (``EPERM`` without its minus): the caller sees success, and
+  nothing changes.
+* An unknown command on an SMA fd returns positive 22 (``EINVAL`` without its
+  minus); on the device fd it is a proper -EINVAL.
+* REGISTER validates nothing: npages 0, unaligned or unmapped addresses,
+  garbage in ``pad`` and ``reserved_bits`` are all accepted.
+* REMOVE drops every region of the SMA, not one.
+* The driver had no ``compat_ioctl``: 32-bit callers get -ENOTTY.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cuse_ksm import abi
+from cuse_ksm.engine import AddressSpace, Engine, Sma
+
+
+@dataclass(frozen=True)
+class DeviceFile:
+    """An open of /dev/ksm by a program."""
+
+    fh: int
+    opener_pid: int
+
+
+@dataclass(frozen=True)
+class SmaFile:
+    """The open file behind an SMA fd; its release ends the SMA."""
+
+    fh: int
+    sma: Sma
+
+
+OpenFile = DeviceFile | SmaFile
+
+
+@dataclass(frozen=True)
+class Done:
+    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out."""
+
+    result: int
+    out: bytes = b""
+
+
+@dataclass(frozen=True)
+class HandOut:
+    """The daemon must give the caller a new fd bound to ``sma`` (CREATE_SHARED_MEMORY_AREA)."""
+
+    sma: Sma
+
+
+Outcome = Done | HandOut
+
+# Positive results returned by the seed's code where a negative errno was meant.
+QUIRK_START_RUN_WITHOUT_PAGES = errno.EPERM  # +1
+QUIRK_SMA_UNKNOWN_COMMAND = errno.EINVAL  # +22
+
+
+@dataclass(frozen=True)
+class IoctlData:
+    """How many bytes a command copies in from, and out to, the caller's pointer."""
+
+    copy_in: int = 0
+    copy_out: int = 0
+
+
+_NO_DATA = IoctlData()
+_DEVICE_DATA = {
+    abi.KSM_START_STOP_KTHREAD: IoctlData(copy_in=abi.STRUCT_SIZE),
+    abi.KSM_GET_INFO_KTHREAD: IoctlData(copy_out=abi.STRUCT_SIZE),
+}
+_SMA_DATA = {
+    abi.KSM_REGISTER_MEMORY_REGION: IoctlData(copy_in=abi.STRUCT_SIZE),
+}
+
+
+class KsmDevice:
+    """The open files of /dev/ksm and what each ioctl does to the engine."""
+
+    def __init__(self, engine: Engine, open_space: Callable[[int], AddressSpace]) -> None:
+        self.engine = engine
+        self._open_space = open_space
+        self.files: dict[int, OpenFile] = {}
+        self._fhs = itertools.count(1)
+        # tid -> SMA whose fd is being handed out to that thread right now.
+        self._expected_opens: dict[int, Sma] = {}
+
+    # -- opens and releases ---------------------------------------------------
+
+    def open(self, tid: int) -> OpenFile:
+        """A FUSE_OPEN from thread ``tid``: the injected open of a hand-out, or a plain device open."""
+        fh = next(self._fhs)
+        sma = self._expected_opens.pop(tid, None)
+        file: OpenFile = SmaFile(fh, sma) if sma is not None else DeviceFile(fh, tid)
+        self.files[fh] = file
+        return file
+
+    def release(self, fh: int) -> OpenFile | None:
+        """The last reference to an open file went away (FUSE_RELEASE)."""
+        file = self.files.pop(fh, None)
+        if isinstance(file, SmaFile):
+            self.engine.release_sma(file.sma)
+        return file
+
+    def expect_open(self, tid: int, sma: Sma) -> None:
+        """The next open from ``tid`` is the hand-out's: bind it to ``sma``."""
+        self._expected_opens[tid] = sma
+
+    def hand_out_failed(self, tid: int, sma: Sma) -> None:
+        """The fd never reached the caller: the SMA ends now.
+
+        If the injected open did arrive, its file stays until the kernel
+        releases it, but its ioctls fail with EBADF (see :meth:`_sma_ioctl`).
+        """
+        if self._expected_opens.get(tid) is sma:
+            del self._expected_opens[tid]
+        self.engine.release_sma(sma)
+
+    # -- ioctls -----------------------------------------------------------------
+
+    def ioctl_data(self, fh: int, cmd: int) -> IoctlData:
+        """What the RETRY dance must fetch and provide for ``cmd`` on this file."""
+        file = self.files.get(fh)
+        table = _SMA_DATA if isinstance(file, SmaFile) else _DEVICE_DATA
+        return table.get(cmd, _NO_DATA)
+
+    def ioctl(self, fh: int, cmd: int, tid: int, data: bytes, *, compat: bool = False) -> Outcome:
+        """Carry out ``cmd`` from thread ``tid``; ``data`` holds the bytes of :meth:`ioctl_data`."""
+        file = self.files.get(fh)
+        if file is None:
+            return Done(-errno.EBADF)
+        if compat:
+            # No compat_ioctl in the 2009 driver: the kernel answered -ENOTTY.
+            return Done(-errno.ENOTTY)
+        if isinstance(file, SmaFile):
+            return self._sma_ioctl(file.sma, cmd, tid, data)
+        return self._device_ioctl(cmd, data)
+
+    def _device_ioctl(self, cmd: int, data: bytes) -> Outcome:
+        if cmd == abi.KSM_GET_API_VERSION:
+            return Done(abi.KSM_API_VERSION)
+        if cmd == abi.KSM_CREATE_SHARED_MEMORY_AREA:
+            return HandOut(self.engine.new_sma())
+        if cmd == abi.KSM_START_STOP_KTHREAD:
+            info = abi.KthreadInfo.unpack(data)
+            if info.running and info.pages_to_scan == 0:
+                # The seed sets r = EPERM without the minus and changes nothing.
+                return Done(QUIRK_START_RUN_WITHOUT_PAGES)
+            self.engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
+            return Done(0)
+        if cmd == abi.KSM_GET_INFO_KTHREAD:
+            k = self.engine.kthread
+            out = abi.KthreadInfo(sleep=k.sleep, pages_to_scan=k.pages_to_scan, flags=k.flags)
+            return Done(0, out.pack())
+        return Done(-errno.EINVAL)
+
+    def _sma_ioctl(self, sma: Sma, cmd: int, tid: int, data: bytes) -> Outcome:
+        if sma.id not in self.engine.smas:
+            return Done(-errno.EBADF)  # an SMA whose hand-out failed
+        if cmd == abi.KSM_REGISTER_MEMORY_REGION:
+            region = abi.MemoryRegion.unpack(data)
+            try:
+                space = self._open_space(tid)
+            except ProcessLookupError:
+                # get_task_mm() returned NULL: the caller has no mm (it is exiting).
+                return Done(-errno.EPERM)
+            except MemoryError:
+                return Done(-errno.ENOMEM)
+            except OSError as e:
+                return Done(-(e.errno or errno.EPERM))
+            try:
+                self.engine.register(sma, space, region.addr, region.npages)
+            except BaseException:
+                space.close()
+                raise
+            return Done(0)
+        if cmd == abi.KSM_REMOVE_MEMORY_REGION:
+            self.engine.remove_regions(sma)
+            return Done(0)
+        return Done(QUIRK_SMA_UNKNOWN_COMMAND)
