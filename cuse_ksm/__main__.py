@@ -1,0 +1,5 @@
+import sys
+
+from cuse_ksm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""The daemon: trio wiring of the CUSE channel, the device semantics and the engine.
+
+One task reads requests from the channel (``/dev/cuse``, or any descriptor
+that delivers one request per read, such as a SOCK_SEQPACKET socket in tests)
+and answers every quick request inline: none of them waits on anything.  The
+one slow request, CREATE_SHARED_MEMORY_AREA, must wait for its caller to run
+the injected ``openat`` - whose FUSE_OPEN comes through this very loop - so it
+runs in a task of its own and the loop keeps serving.  All tasks live in one
+nursery; cancelling it (SIGINT, SIGTERM) ends every hand-out cleanly, and
+closing the channel makes the kernel remove the device node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from cuse_ksm import abi, protocol
+from cuse_ksm.device import Done, HandOut, KsmDevice, SmaFile
+from cuse_ksm.host.ptrace import HandoutError, inject_open
+
+SYS_IOCTL = 16  # x86_64
+
+log = logging.getLogger("cuse_ksm")
+
+READ_BUFFER = 64 * 1024
+
+# inject_open(tid, path, flags, reply) -> fd in the caller
+Injector = Callable[[int, bytes, int, Callable[[], None]], Awaitable[int]]
+
+
+async def inject_into_ioctl(tid: int, path: bytes, flags: int, reply: Callable[[], None]) -> int:
+    """The hand-out as the daemon uses it: only ever hijack the return of T's ioctl.
+
+    The caller is held in its ioctl until we reply, so that is the syscall it
+    returns from; checking it costs nothing and guards against ever taking
+    over some other syscall of the thread.
+    """
+    return await inject_open(tid, path, flags, reply, expect_syscall=SYS_IOCTL)
+
+
+class NoCuseError(RuntimeError):
+    """This kernel cannot create character devices from user space."""
+
+
+def open_cuse_channel(path: str = "/dev/cuse") -> int:
+    """Open the CUSE channel, loading the ``cuse`` module first if needed."""
+    if not os.path.exists(path):
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["modprobe", "cuse"], check=False, capture_output=True, timeout=30)
+    if not os.path.exists(path):
+        raise NoCuseError(
+            f"{path} does not exist and 'modprobe cuse' did not create it: this kernel has no "
+            "CUSE (CONFIG_CUSE). Run the daemon in the VM instead: 'make demo' boots one."
+        )
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+@dataclass
+class NodeAccess:
+    """Owner group and mode to give the device node once it appears."""
+
+    mode: int | None = None
+    gid: int | None = None
+
+
+class Server:
+    """Serves one CUSE channel until cancelled or the kernel closes it."""
+
+    def __init__(
+        self,
+        channel: int,
+        device: KsmDevice,
+        *,
+        devname: str = "ksm",
+        dev_dir: str = "/dev",
+        access: NodeAccess | None = None,
+        injector: Injector = inject_into_ioctl,
+    ) -> None:
+        self.channel = channel
+        self.device = device
+        self.devname = devname
+        self.devpath = os.path.join(dev_dir, devname)
+        self.access = access or NodeAccess()
+        self._inject = injector
+        self.initialized = trio.Event()
+        self.handouts_in_flight = 0
+
+    # -- the channel ------------------------------------------------------------
+
+    def _send(self, reply: bytes) -> bool:
+        """Write one reply; False if the kernel no longer wants it."""
+        try:
+            os.write(self.channel, reply)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                # The request was aborted: its caller was killed or interrupted.
+                log.debug("reply to request %d dropped: its caller is gone", protocol.parse_reply_header(reply)[2])
+                return False
+            if e.errno == errno.ENODEV:
+                return False
+            raise
+        return True
+
+    async def _receive(self) -> bytes | None:
+        while True:
+            await trio.lowlevel.wait_readable(self.channel)
+            try:
+                return os.read(self.channel, READ_BUFFER)
+            except BlockingIOError:
+                continue
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue  # request vanished before we read it
+                if e.errno == errno.ENODEV:
+                    return None  # connection aborted
+                raise
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                data = await self._receive()
+                if not data:
+                    log.info("CUSE channel closed by the kernel")
+                    nursery.cancel_scope.cancel()
+                    return
+                try:
+                    request = protocol.parse_request(data)
+                except protocol.ProtocolError as e:
+                    log.error("malformed request ignored: %s", e)
+                    continue
+                self._dispatch(request, nursery)
+
+    # -- requests ---------------------------------------------------------------
+
+    def _dispatch(self, req: protocol.Request, nursery: trio.Nursery) -> None:
+        unique = req.header.unique
+        if isinstance(req, protocol.CuseInit):
+            self._init(req, nursery)
+        elif not self.initialized.is_set():
+            self._send(protocol.reply_error(unique, errno.EIO))
+        elif isinstance(req, protocol.Open):
+            file = self.device.open(req.header.pid)
+            self._send(protocol.reply_open(unique, file.fh))
+            if isinstance(file, SmaFile):
+                log.debug("tid %d opened SMA %d as fh %d", req.header.pid, file.sma.id, file.fh)
+        elif isinstance(req, protocol.Release):
+            self.device.release(req.fh)
+            self._send(protocol.reply_empty(unique))
+        elif isinstance(req, protocol.Flush):
+            self._send(protocol.reply_empty(unique))
+        elif isinstance(req, protocol.Interrupt):
+            # Every request but CREATE is answered before the next read, so an
+            # interrupt can only concern a hand-out, which runs to its end anyway
+            # (its ptrace interrupt is what makes the kernel send this).
+            log.debug("interrupt for request %d", req.target)
+        elif isinstance(req, protocol.Destroy):
+            self._send(protocol.reply_empty(unique))
+        elif isinstance(req, protocol.Ioctl):
+            self._ioctl(req, nursery)
+        else:
+            self._send(protocol.reply_error(unique, errno.ENOSYS))
+
+    def _init(self, req: protocol.CuseInit, nursery: trio.Nursery) -> None:
+        if req.major != protocol.FUSE_KERNEL_VERSION:
+            log.error("kernel speaks FUSE %d.%d, we need 7.x", req.major, req.minor)
+            self._send(protocol.reply_error(req.header.unique, errno.EPROTO))
+            return
+        minor = min(req.minor, protocol.FUSE_KERNEL_MINOR_VERSION)
+        self._send(protocol.reply_cuse_init(req.header.unique, self.devname, minor=minor))
+        self.initialized.set()
+        log.info("serving %s (FUSE 7.%d)", self.devpath, minor)
+        if self.access.mode is not None or self.access.gid is not None:
+            nursery.start_soon(self._set_node_access)
+
+    async def _set_node_access(self) -> None:
+        with trio.move_on_after(10):
+            while not os.path.exists(self.devpath):
+                await trio.sleep(0.01)
+            if self.access.gid is not None:
+                os.chown(self.devpath, -1, self.access.gid)
+            if self.access.mode is not None:
+                os.chmod(self.devpath, self.access.mode)
+            return
+        log.warning("%s did not appear within 10 s; mode and group not set", self.devpath)
+
+    def _ioctl(self, req: protocol.Ioctl, nursery: trio.Nursery) -> None:
+        unique = req.header.unique
+        need = self.device.ioctl_data(req.fh, req.cmd)
+        if (need.copy_in and req.in_size < need.copy_in) or (need.copy_out and req.out_size < need.copy_out):
+            # Unrestricted ioctl: the first call carries no data.  Name the
+            # caller's bytes; the kernel copies them (or fails with EFAULT for a
+            # bad pointer, before we hear of it) and calls again.
+            in_iovs = [(req.arg, need.copy_in)] if need.copy_in else []
+            out_iovs = [(req.arg, need.copy_out)] if need.copy_out else []
+            self._send(protocol.reply_ioctl_retry(unique, in_iovs, out_iovs))
+            return
+        outcome = self.device.ioctl(req.fh, req.cmd, req.header.pid, req.in_data[: need.copy_in], compat=req.is_32bit)
+        if isinstance(outcome, Done):
+            self._send(protocol.reply_ioctl(unique, outcome.result, outcome.out))
+        else:
+            nursery.start_soon(self._hand_out, req, outcome)
+
+    async def _hand_out(self, req: protocol.Ioctl, hand_out: HandOut) -> None:
+        """Put a new fd of the device, bound to the new SMA, into the calling thread."""
+        tid, unique, sma = req.header.pid, req.header.unique, hand_out.sma
+        replied = False
+
+        def complete_syscall() -> None:
+            nonlocal replied
+            replied = True
+            # A placeholder result: inject_open sets the caller's real return value.
+            self._send(protocol.reply_ioctl(unique, 0))
+
+        self.device.expect_open(tid, sma)
+        self.handouts_in_flight += 1
+        started = time.monotonic()
+        try:
+            fd = await self._inject(tid, self.devpath.encode(), os.O_RDWR, complete_syscall)
+        except HandoutError as e:
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            # A caller killed mid-call is its own business; anything else is ours to explain.
+            level = logging.INFO if e.errno == errno.ESRCH else logging.WARNING
+            log.log(level, "%s from tid %d failed (%s): %s", abi.ioctl_name(req.cmd), tid, name, e)
+            self.device.hand_out_failed(tid, sma)
+            if not replied:
+                self._send(protocol.reply_ioctl(unique, -e.errno))
+        except BaseException:
+            self.device.hand_out_failed(tid, sma)
+            if not replied:
+                self._send(protocol.reply_ioctl(unique, -errno.EINTR))
+            raise
+        else:
+            ms = (time.monotonic() - started) * 1e3
+            log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", sma.id, tid, fd, ms)
+        finally:
+            self.handouts_in_flight -= 1
