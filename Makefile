@@ -1,0 +1,53 @@
+# cuse-ksm: the 2009 /dev/ksm driver, emulated through CUSE.
+#
+#   make setup     install system packages (apt) and the project (pip, editable)
+#   make demo      boot a VM with CUSE, start the daemon, run the short demo
+#   make test      host tests, then the integration suite in one VM
+#   make test-host lint + tests that need no CUSE
+#   make test-vm   only the VM part
+PYTHON ?= python3
+# The VM's kernel (Debian's has cuse.ko), qemu, busybox for virtme-ng's
+# initramfs, kmod for modprobe in the guest, libfuse3 headers for pyfuse3,
+# and a C toolchain for tests/c.
+APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
+                libfuse3-dev fuse3 pkg-config gcc make libc6-dev procps
+# Console scripts (vng) land in the interpreter's scripts dir, which a pyenv
+# shim may not cover yet on a fresh machine.
+export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
+
+.PHONY: setup apt pip test test-host test-vm demo lint c-tests clean
+
+setup: apt pip
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing:" $$missing; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } \
+	        >/tmp/cuse-ksm-apt.log 2>&1 || { tail -100 /tmp/cuse-ksm-apt.log; exit 1; }; \
+	fi
+
+pip:
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+
+lint:
+	$(PYTHON) -m ruff check cuse_ksm tests examples
+
+c-tests:
+	$(MAKE) -s -C tests/c
+
+test: test-host test-vm
+
+test-host: lint c-tests
+	$(PYTHON) -m pytest -q --ignore=tests/integration tests
+
+test-vm: c-tests
+	PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+
+demo: c-tests
+	PYTHON=$$(command -v $(PYTHON)) tests/vm/run examples/demo.sh
+
+clean:
+	$(MAKE) -s -C tests/c clean
+	rm -rf tests/vm/out .pytest_cache
