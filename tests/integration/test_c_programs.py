@@ -5,7 +5,7 @@ import pytest
 from tests.integration.conftest import run_c
 
 
-@pytest.mark.parametrize("program", ["ksm_abi_sequence", "ksm_threads", "ksm_fork"])
+@pytest.mark.parametrize("program", ["ksm_abi_sequence", "ksm_threads", "ksm_fork", "ksm_traced"])
 def test_c_program_passes(program):
     result = run_c(program)
     print(result.stdout)

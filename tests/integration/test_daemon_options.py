@@ -1,0 +1,63 @@
+"""A second daemon with its own name: node mode and group, clean exit on SIGINT and SIGTERM."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.integration.conftest import ROOT
+
+
+def start_daemon(name: str, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cuse_ksm", "--name", name, *args],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not os.path.exists(f"/dev/{name}"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"/dev/{name} did not appear: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    return proc
+
+
+def wait_for_access(path: str, mode: int, gid: int) -> os.stat_result:
+    deadline = time.monotonic() + 10
+    while True:
+        st = os.stat(path)
+        if (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, gid) or time.monotonic() > deadline:
+            return st
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_node_mode_group_and_clean_exit(signum):
+    name = f"ksmopt{signum}"
+    proc = start_daemon(name, "--mode", "0640", "--group", "4242")
+    st = wait_for_access(f"/dev/{name}", 0o640, 4242)
+    assert stat.S_ISCHR(st.st_mode)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, 4242)
+    fd = os.open(f"/dev/{name}", os.O_RDWR)  # a client holding the device open does not delay the exit
+    proc.send_signal(signum)
+    try:
+        assert proc.wait(timeout=10) == 0
+    finally:
+        os.close(fd)
+    assert not os.path.exists(f"/dev/{name}")
+    assert "shutting down" in proc.stderr.read()
+
+
+def test_default_node_is_root_only():
+    proc = start_daemon("ksmdefault")
+    try:
+        st = os.stat("/dev/ksmdefault")
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

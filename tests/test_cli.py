@@ -1,0 +1,28 @@
+"""The command line, where no CUSE is needed."""
+
+import subprocess
+import sys
+
+from cuse_ksm.cli import build_parser
+
+
+def test_no_cuse_is_one_clear_error(tmp_path):
+    missing = tmp_path / "cuse"
+    result = subprocess.run(
+        [sys.executable, "-m", "cuse_ksm", "--cuse", str(missing)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "no CUSE" in lines[0] and "make demo" in lines[0]
+
+
+def test_bad_options_are_refused():
+    for argv, message in [(["--mode", "999"], "octal"), (["--group", "no-such-group-here"], "no group")]:
+        result = subprocess.run([sys.executable, "-m", "cuse_ksm", *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr
+
+
+def test_group_and_mode_parse():
+    args = build_parser().parse_args(["--mode", "0660", "--group", "0", "--name", "ksm2"])
+    assert (args.mode, args.group, args.name) == (0o660, 0, "ksm2")
