@@ -135,6 +135,8 @@ from typing import Final, NoReturn
 
 import trio
 
+from cuse_ksm.host.libc import Iovec, libc, process_vm_readv, process_vm_writev
+
 __all__ = ["HandoutError", "inject_open"]
 
 log = logging.getLogger(__name__)
@@ -213,26 +215,11 @@ class UserRegs(ctypes.Structure):
 assert ctypes.sizeof(UserRegs) == 216
 
 
-class _IOVec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 # ptrace() and syscall() are variadic in glibc; on x86_64 integer and pointer
 # arguments travel in the same registers either way, so fixed argtypes are fine.
-_libc.ptrace.restype = ctypes.c_long
-_libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
-_libc.syscall.restype = ctypes.c_long
-for _fn in (_libc.process_vm_readv, _libc.process_vm_writev):
-    _fn.restype = ctypes.c_ssize_t
-    _fn.argtypes = (
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_ulong,
-        ctypes.c_void_p,
-        ctypes.c_ulong,
-        ctypes.c_ulong,
-    )
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
+libc.syscall.restype = ctypes.c_long
 
 
 class HandoutError(Exception):
@@ -280,7 +267,7 @@ class _Phase(enum.Enum):
 
 def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
     ctypes.set_errno(0)
-    ret: int = _libc.ptrace(request, tid, addr, data)
+    ret: int = libc.ptrace(request, tid, addr, data)
     if ret == -1:
         err = ctypes.get_errno()
         if err:
@@ -314,15 +301,15 @@ def _proc_status(tid: int) -> dict[str, str] | None:
 
 
 def _vm_rw(fn: Callable[..., int], tid: int, addr: int, buf: ctypes.Array[ctypes.c_char]) -> int:
-    local = _IOVec(ctypes.addressof(buf), len(buf))
-    remote = _IOVec(addr, len(buf))
+    local = Iovec(ctypes.addressof(buf), len(buf))
+    remote = Iovec(addr, len(buf))
     ctypes.set_errno(0)
     return int(fn(tid, ctypes.addressof(local), 1, ctypes.addressof(remote), 1, 0))
 
 
 def _read_mem(tid: int, addr: int, size: int) -> bytes:
     buf = (ctypes.c_char * size)()
-    if _vm_rw(_libc.process_vm_readv, tid, addr, buf) == size:
+    if _vm_rw(process_vm_readv, tid, addr, buf) == size:
         return bytes(buf)
     # process_vm_readv() honours page protections; PTRACE_PEEKDATA uses
     # FOLL_FORCE, so it also reads e.g. execute-only text.
@@ -333,7 +320,7 @@ def _read_mem(tid: int, addr: int, size: int) -> bytes:
 
 def _write_mem(tid: int, addr: int, data: bytes) -> None:
     buf = (ctypes.c_char * len(data)).from_buffer_copy(data)
-    if _vm_rw(_libc.process_vm_writev, tid, addr, buf) == len(data):
+    if _vm_rw(process_vm_writev, tid, addr, buf) == len(data):
         return
     start = addr & ~7
     end = (addr + len(data) + 7) & ~7
@@ -727,10 +714,10 @@ class _Handout:
         if code < 0 and code != SI_TKILL:
             buf = (ctypes.c_char * SIGINFO_SIZE).from_buffer_copy(info)
             args = (NR_RT_TGSIGQUEUEINFO, self.tgid, self.tid, signo)
-            ret = _libc.syscall(*map(ctypes.c_long, args), ctypes.addressof(buf))
+            ret = libc.syscall(*map(ctypes.c_long, args), ctypes.addressof(buf))
         else:
             args = (NR_TGKILL, self.tgid, self.tid, signo)
-            ret = _libc.syscall(*map(ctypes.c_long, args))
+            ret = libc.syscall(*map(ctypes.c_long, args))
         if ret == -1:
             log.warning(
                 "could not requeue %s to thread %d: %s",
