@@ -1,0 +1,286 @@
+"""The scanner's data structures: reverse-map items, shared pages, the two trees.
+
+How the 2009 driver sorts pages, and how this emulator departs from it
+-----------------------------------------------------------------------
+
+The driver keeps two red-black trees ordered by page *content* and walks
+them with memcmp().  A tree of pointers costs it nothing per page beyond the
+node, because the pages are right there in kernel memory.  From user space
+we hold no pointer into another process's memory: to compare a candidate we
+must copy it over with a system call.  Walking a content-ordered tree would
+cost one copy per level, and holding copies of the pages in the tree would
+cost 4 KiB per registered page.
+
+So both trees here are keyed by a 64-bit xxh3 digest of the page, and
+ordered by nothing: a hash table finds "a page that might be equal" in one
+probe instead of log2(n) memcmp()s, and the worst case for content-sorted
+trees (pages equal but for their last bytes, see SPEC section 5) costs no
+more than any other content.  Equal digests are only a *hint*: every merge
+is preceded by a full byte comparison of both pages, so a digest collision
+(accidental or crafted; xxh3 is not a cryptographic hash) can at worst cost
+a wasted comparison, never a wrong merge.  Ordered structures do serve
+elsewhere: the scan cursor walks the slots in registration order
+(see core.py).
+
+Memory: the kernel spends about 64 bytes per scanned page on its reverse
+map.  A Python object per page would cost more than that by itself, so the
+reverse-map items are stored column-wise, one :class:`RmapChunk` of arrays
+per 256 pages that have ever been present, and the unstable tree is an
+open-addressing table of two flat arrays.  :class:`RmapItem` is a read-only
+view of one item, for introspection and tests.
+"""
+
+from __future__ import annotations
+
+import mmap
+from array import array
+from collections.abc import Callable
+from typing import NamedTuple
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+# One chunk of reverse-map items covers this many consecutive pages of a
+# slot; it is also the largest batch the scanner reads with one system call
+# (256 pages = 1 MiB), so a batch never straddles two chunks.
+CHUNK_SHIFT = 8
+CHUNK_PAGES = 1 << CHUNK_SHIFT
+CHUNK_MASK = CHUNK_PAGES - 1
+
+# State of a reverse-map item (RmapChunk.state).
+NO_ITEM = 0  # never seen present, or dropped
+ITEM = 1  # seen: its checksum is remembered, it is in no tree
+UNSTABLE = 2  # unchanged for a full scan: it went into the unstable tree
+MERGED = 3  # it maps a KsmPage (the stable tree); `word` holds that page's id
+
+_ZERO_WORDS = bytes(8 * CHUNK_PAGES)
+_ZERO_STATES = bytes(CHUNK_PAGES)
+
+
+class RmapChunk:
+    """Reverse-map items of CHUNK_PAGES consecutive pages of one slot.
+
+    ``word[i]`` is the page's checksum from its last scan (states ITEM and
+    UNSTABLE), or the id of the KsmPage it maps (state MERGED): a merged
+    page needs no checksum of its own, the shared page has one.  Sharing the
+    column keeps an item at 9 bytes.
+    """
+
+    __slots__ = ("state", "word")
+
+    def __init__(self) -> None:
+        self.word = array("Q", _ZERO_WORDS)
+        self.state = array("B", _ZERO_STATES)
+
+
+class RmapItem(NamedTuple):
+    """A view of the reverse-map item of one (slot, page index)."""
+
+    slot: object
+    index: int
+    state: int
+    checksum: int | None
+    kpage: KsmPage | None
+
+
+class KsmPage:
+    """A shared page: the one copy the engine keeps for all pages merged into it.
+
+    In the kernel, the shared page is write-protected in every mapping, so
+    its content cannot change; here it is an immutable ``bytes`` that only
+    the engine holds, which gives the same guarantee.  That is what makes the
+    stable tree trustworthy: a search in it compares against content that
+    cannot have moved since it was inserted.
+    """
+
+    __slots__ = ("checksum", "data", "id", "next", "sharers")
+
+    def __init__(self, id: int, checksum: int, data: bytes) -> None:
+        self.id = id
+        self.checksum = checksum
+        self.data = data
+        self.sharers = 0
+        # Another shared page with the same digest but other content (a
+        # digest collision): the stable tree chains them.
+        self.next: KsmPage | None = None
+
+    def __repr__(self) -> str:
+        return f"KsmPage(id={self.id}, checksum={self.checksum:#018x}, sharers={self.sharers})"
+
+
+class StableTree:
+    """The shared pages, found by content digest.
+
+    Never emptied: a shared page leaves only when its last sharer does.
+    Lookups compare the full content of the candidate (see :meth:`find`),
+    so the digest is never trusted on its own.
+    """
+
+    __slots__ = ("_by_checksum", "_by_id", "_free_ids", "_next_id")
+
+    def __init__(self) -> None:
+        self._by_checksum: dict[int, KsmPage] = {}
+        # RmapChunk.word stores the id of the shared page a merged page maps;
+        # ids of freed pages are reused so they stay small.
+        self._by_id: dict[int, KsmPage] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 1
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._by_id.values())
+
+    @property
+    def by_checksum(self) -> dict[int, KsmPage]:
+        return self._by_checksum
+
+    @property
+    def by_id(self) -> dict[int, KsmPage]:
+        return self._by_id
+
+    def find(self, checksum: int, data: bytes) -> KsmPage | None:
+        """The shared page whose content is exactly ``data``, if any."""
+        kpage = self._by_checksum.get(checksum)
+        while kpage is not None and kpage.data != data:
+            kpage = kpage.next
+        return kpage
+
+    def insert(self, checksum: int, data: bytes) -> KsmPage:
+        """A new shared page holding ``data`` (with no sharers yet)."""
+        kid = self._free_ids.pop() if self._free_ids else self._next_id
+        if kid == self._next_id:
+            self._next_id += 1
+        kpage = KsmPage(kid, checksum, data)
+        kpage.next = self._by_checksum.get(checksum)
+        self._by_checksum[checksum] = kpage
+        self._by_id[kid] = kpage
+        return kpage
+
+    def remove(self, kpage: KsmPage) -> None:
+        """Free a shared page whose last sharer is gone."""
+        del self._by_id[kpage.id]
+        self._free_ids.append(kpage.id)
+        head = self._by_checksum[kpage.checksum]
+        if head is kpage:
+            if kpage.next is None:
+                del self._by_checksum[kpage.checksum]
+            else:
+                self._by_checksum[kpage.checksum] = kpage.next
+        else:
+            while head.next is not kpage:
+                assert head.next is not None
+                head = head.next
+            head.next = kpage.next
+        kpage.next = None
+
+
+def _table(cells: int) -> tuple[memoryview, memoryview]:
+    """Zeroed tag and loc arrays of ``cells`` cells, in anonymous memory.
+
+    An anonymous mapping costs nothing until touched, and is handed back to
+    the kernel as soon as the last view of it goes: resetting the table at
+    every full scan (6 MiB for 1 GiB registered) then takes microseconds
+    instead of the milliseconds that zero-filling an array takes - time the
+    scanner would otherwise spend without yielding to the device.
+    """
+    tags = memoryview(mmap.mmap(-1, 4 * cells)).cast("I")
+    locs = memoryview(mmap.mmap(-1, 8 * cells)).cast("Q")
+    return tags, locs
+
+
+class UnstableTree:
+    """Pages unchanged for one full scan, found by the digest they had then.
+
+    Why it may be "corrupted", and why that is harmless: its pages belong to
+    running processes and may change at any moment after they went in, so an
+    entry's digest may no longer describe its page.  An entry is therefore
+    only ever a candidate: a match is confirmed by re-reading that page and
+    comparing it byte for byte with the page being scanned.  A stale entry
+    costs one wasted comparison; it can never produce a wrong merge.  The
+    kernel's red-black tree stays balanced however wrong its order becomes;
+    a hash table's probe length likewise does not depend on the pages'
+    content.  And, as in the kernel, the whole table is dropped at the end of
+    every full scan (and when a slot goes away), so stale entries never
+    outlive one pass.
+
+    Layout: open addressing with linear probing over two flat arrays (see
+    :func:`_table`), 12 bytes per cell, at most half full.  ``loc`` (``(slot number << 32) |
+    page index``, never 0) says where the page is; 0 marks an empty cell.
+    ``tag`` is the high half of the digest, which also picks the home cell,
+    so growing the table needs nothing but the tags.  Entries are never
+    deleted: a merged or dropped page leaves a stale entry, which fails the
+    caller's check of the item's state.
+    """
+
+    __slots__ = ("_count", "_locs", "_mask", "_tags")
+
+    MIN_CELLS = 1024
+
+    def __init__(self, expected: int = 0) -> None:
+        self.reset(expected)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def reset(self, expected: int = 0) -> None:
+        """Empty the table, sized for ``expected`` entries without growing."""
+        cells = self.MIN_CELLS
+        while cells < 2 * expected:
+            cells <<= 1
+        self._tags, self._locs = _table(cells)
+        self._mask = cells - 1
+        self._count = 0
+
+    def arrays(self) -> tuple[memoryview, memoryview, int]:
+        """(tags, locs, mask), for the scanner's inlined probe; valid until the next grow() or reset()."""
+        return self._tags, self._locs, self._mask
+
+    def add_count(self, n: int) -> None:
+        """Account for ``n`` entries stored through :meth:`arrays`."""
+        self._count += n
+
+    def nbytes(self) -> int:
+        """Size of the table (all of it, as if every page of it had been touched)."""
+        return self._tags.nbytes + self._locs.nbytes
+
+    def search_insert(self, checksum: int, loc: int, same: Callable[[int], bool]) -> int:
+        """Return the ``loc`` of an entry that ``same`` confirms, else insert ``loc`` and return 0.
+
+        ``same(candidate_loc)`` is called only for entries whose tag matches;
+        it must check the candidate is still valid and byte-identical.
+        """
+        tag = checksum >> 32
+        mask = self._mask
+        tags = self._tags
+        locs = self._locs
+        i = tag & mask
+        cand = locs[i]
+        while cand:
+            if tags[i] == tag and same(cand):
+                return cand
+            i = (i + 1) & mask
+            cand = locs[i]
+        tags[i] = tag
+        locs[i] = loc
+        self._count += 1
+        if 2 * self._count > mask + 1:
+            self.grow()
+        return 0
+
+    def grow(self) -> None:
+        # Rare: reset() sizes the table for the pass ahead from the number of
+        # items the last pass saw.  Growing needs only the tags (see above).
+        old_tags, old_locs = self._tags, self._locs
+        cells = 2 * (self._mask + 1)
+        tags, locs = _table(cells)
+        mask = cells - 1
+        for tag, loc in zip(old_tags, old_locs, strict=True):
+            if loc:
+                i = tag & mask
+                while locs[i]:
+                    i = (i + 1) & mask
+                tags[i] = tag
+                locs[i] = loc
+        self._tags, self._locs, self._mask = tags, locs, mask

@@ -1,0 +1,104 @@
+"""In-memory address spaces for the engine's unit tests."""
+
+from __future__ import annotations
+
+import mmap
+from collections import Counter
+
+from cuse_ksm.engine import Engine
+from cuse_ksm.engine.trees import CHUNK_PAGES, MERGED, NO_ITEM, PAGE_SIZE, UNSTABLE
+
+
+def page(fill: int, tail: bytes = b"") -> bytes:
+    """A page of ``fill`` bytes whose last len(tail) bytes are ``tail``."""
+    body = bytes([fill & 0xFF]) * (PAGE_SIZE - len(tail))
+    return body + tail
+
+
+def unique_page(n: int) -> bytes:
+    """A page no other call returns (n at the start and the end)."""
+    stamp = n.to_bytes(8, "little")
+    return stamp + bytes(PAGE_SIZE - 16) + stamp
+
+
+class FakeSpace:
+    """An address space made of a dict {page address: content}; absent pages are not present."""
+
+    def __init__(self, tgid: int = 1000) -> None:
+        self.tgid = tgid
+        self.pages: dict[int, bytes] = {}
+        self.gone = False
+        self.closed = False
+        self.reads = 0
+        self.fail: BaseException | None = None
+
+    def map(self, addr: int, contents: list[bytes]) -> None:
+        for i, data in enumerate(contents):
+            assert len(data) == PAGE_SIZE
+            self.pages[addr + i * PAGE_SIZE] = data
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.pages[addr] = data
+
+    def unmap(self, addr: int, npages: int) -> None:
+        for i in range(npages):
+            self.pages.pop(addr + i * PAGE_SIZE, None)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def read_pages(self, addr: int, npages: int, into: mmap.mmap) -> bytes | None:
+        if self.fail is not None:
+            raise self.fail
+        if self.gone:
+            return None
+        self.reads += 1
+        present = bytearray(npages)
+        for i in range(npages):
+            data = self.pages.get(addr + i * PAGE_SIZE)
+            if data is not None:
+                into[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
+                present[i] = 1
+        return bytes(present)
+
+    def read_page(self, addr: int) -> bytes | None:
+        if self.gone:
+            return None
+        return self.pages.get(addr)
+
+
+def full_scans(engine: Engine, n: int) -> None:
+    """Run the scanner synchronously until ``n`` more full scans have completed."""
+    target = engine.counters().full_scans + n
+    while engine.counters().full_scans < target:
+        if not any(not s.gone and s.npages for s in engine.slots):
+            break
+        engine.scan_now(1 << 40, stop_at_wrap=True)
+
+
+def check_consistency(engine: Engine) -> None:
+    """Recompute every counter from the reverse-map items and compare."""
+    items = unshared = sharers = 0
+    by_kpage: Counter[int] = Counter()
+    for slot in engine.slots:
+        merged = 0
+        for chunk in slot.chunks.values():
+            for k in range(CHUNK_PAGES):
+                st = chunk.state[k]
+                if st != NO_ITEM:
+                    items += 1
+                if st == UNSTABLE:
+                    unshared += 1
+                if st == MERGED:
+                    sharers += 1
+                    merged += 1
+                    by_kpage[chunk.word[k]] += 1
+        assert slot.pages_merged == merged
+    c = engine.counters()
+    assert c.pages_unshared == unshared
+    assert c.pages_shared == len(engine.stable) == len(by_kpage)
+    assert c.pages_sharing == sharers - len(by_kpage)
+    assert c.pages_volatile == items - sharers - unshared
+    for kpage in engine.stable:
+        assert kpage.sharers == by_kpage[kpage.id] >= 1
+    assert engine.errors == 0

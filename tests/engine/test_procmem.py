@@ -1,0 +1,187 @@
+"""ProcessMemory's reading side and the engine on real child processes (host, root)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from cuse_ksm.engine import Engine
+from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
+from tests.engine.child import Child
+from tests.engine.fakes import check_consistency, full_scans
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.kill()
+
+
+def spawn(children: list[Child], npages: int) -> Child:
+    child = Child.start(npages)
+    children.append(child)
+    return child
+
+
+def test_reads_present_pages_and_never_faults_in_the_others(children):
+    child = spawn(children, 64)
+    child.fill(0, 8, 0x11)
+    child.fill(20, 4, 0x22)
+    space = ProcessMemory.open(child.pid)
+    try:
+        buf = mmap.mmap(-1, 64 * PAGE_SIZE)
+        present = space.read_pages(child.addr, 64, buf)
+        assert present == bytes([1] * 8 + [0] * 12 + [1] * 4 + [0] * 40)
+        assert buf[: 8 * PAGE_SIZE] == b"\x11" * (8 * PAGE_SIZE)
+        assert buf[20 * PAGE_SIZE : 24 * PAGE_SIZE] == b"\x22" * (4 * PAGE_SIZE)
+        # Reading did not fault anything in.
+        assert space.present(child.addr, 64) == present
+        assert space.read_page(child.page_addr(21)) == b"\x22" * PAGE_SIZE
+        assert space.read_page(child.page_addr(30)) is None
+    finally:
+        space.close()
+
+
+def test_unmapped_range_reads_as_not_present(children):
+    child = spawn(children, 16)
+    child.fill(0, 16, 0x33)
+    space = ProcessMemory.open(child.pid)
+    try:
+        child.unmap(4, 4)
+        buf = mmap.mmap(-1, 16 * PAGE_SIZE)
+        assert space.read_pages(child.addr, 16, buf) == bytes([1] * 4 + [0] * 4 + [1] * 8)
+        # Far beyond the user address space: nothing there, and no error.
+        assert space.read_pages(0xFFFF_FFFF_F000, 4, buf) == bytes(4)
+    finally:
+        space.close()
+
+
+def test_unreadable_present_pages_are_skipped_and_the_rest_read(children):
+    child = spawn(children, 16)
+    child.fill(0, 16, 0x44)
+    child.protect(3, 1)
+    child.protect(9, 2)
+    space = ProcessMemory.open(child.pid)
+    try:
+        buf = mmap.mmap(-1, 16 * PAGE_SIZE)
+        present = space.read_pages(child.addr, 16, buf)
+        assert present == bytes([1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1])
+        for i in range(16):
+            if present[i]:
+                assert buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == b"\x44" * PAGE_SIZE
+        child.protect(0, 16)
+        assert space.read_pages(child.addr, 16, buf) == bytes(16)
+    finally:
+        space.close()
+
+
+def test_exit_makes_the_space_gone(children):
+    child = spawn(children, 4)
+    child.fill(0, 4, 1)
+    space = ProcessMemory.open(child.pid)
+    try:
+        assert space.alive()
+        child.exit()
+        buf = mmap.mmap(-1, 4 * PAGE_SIZE)
+        assert space.read_pages(child.addr, 4, buf) is None
+        assert not space.alive()
+        # The pinned pagemap fd returns nothing once the mm is gone.
+        assert os.pread(space.pagemap_fd, 8, 0) == b""
+    finally:
+        space.close()
+
+
+def test_exec_makes_the_space_gone_though_the_pid_lives_on(children):
+    child = spawn(children, 4)
+    child.fill(0, 4, 1)
+    space = ProcessMemory.open(child.pid)
+    try:
+        child.exec_sleep()
+        assert not space.exited()  # same process, same pid ...
+        buf = mmap.mmap(-1, 4 * PAGE_SIZE)
+        assert space.read_pages(child.addr, 4, buf) is None  # ... but not the memory we pinned
+    finally:
+        space.close()
+
+
+def register(engine: Engine, child: Child, npages: int, first: int = 0) -> None:
+    sma = engine.new_sma()
+    engine.register(sma, ProcessMemory.open(child.pid), child.page_addr(first), npages)
+
+
+@pytest.mark.parametrize("n", [2, 50, 600])
+def test_identical_pages_across_two_processes(children, n):
+    a, b = spawn(children, n), spawn(children, n)
+    first = n // 2
+    a.fill(0, first, 0x5A)
+    b.fill(0, n - first, 0x5A)
+    engine = Engine()
+    register(engine, a, n)
+    register(engine, b, n)
+    full_scans(engine, 1)
+    assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (0, 0)
+    full_scans(engine, 1)
+    c = engine.counters()
+    assert (c.pages_shared, c.pages_sharing) == (1, n - 1)
+    assert c.pages_scanned == 2 * n  # the untouched halves were skipped
+    check_consistency(engine)
+
+
+def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
+    a = spawn(children, 8)
+    a.fill(0, 8, 7)
+    engine = Engine()
+    register(engine, a, 8)
+    full_scans(engine, 2)
+    assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 7)
+    a.fill(3, 1, 8)  # a write to a merged page: COW
+    full_scans(engine, 1)
+    assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 6)
+    check_consistency(engine)
+
+
+def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
+    a = spawn(children, 300)
+    a.fill(0, 300, 0)
+    a.stamp(0, 300, PAGE_SIZE - 8)
+    engine = Engine()
+    register(engine, a, 300)
+    full_scans(engine, 3)
+    c = engine.counters()
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (0, 0, 300)
+
+
+def test_exit_unmap_and_remove_mid_scan(children):
+    a, b, c = spawn(children, 512), spawn(children, 512), spawn(children, 512)
+    for child in (a, b, c):
+        child.fill(0, 512, 0x42)
+    engine = Engine()
+    register(engine, a, 512)
+    register(engine, b, 512)
+    register(engine, c, 512)
+    full_scans(engine, 2)
+    assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 1535)
+    engine.scan_now(300)  # mid-slot
+    a.exit()
+    b.unmap(0, 256)
+    full_scans(engine, 1)
+    cnt = engine.counters()
+    assert (cnt.pages_shared, cnt.pages_sharing) == (1, 767)
+    check_consistency(engine)
+    engine.scan_now(700)
+    engine.remove_regions(engine.slots[2].sma)
+    cnt = engine.counters()
+    assert (cnt.pages_shared, cnt.pages_sharing) == (1, 255)
+    check_consistency(engine)
+    for sma in list(engine.smas.values()):
+        engine.release_sma(sma)
+    cnt = engine.counters()
+    assert (cnt.pages_shared, cnt.pages_sharing, cnt.pages_unshared, cnt.pages_volatile) == (0, 0, 0, 0)
+    assert engine.errors == 0

@@ -1,0 +1,117 @@
+"""kksmd's loop: parameters, sleeping, idling, wake-ups, and yielding to the device."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from cuse_ksm import abi
+from cuse_ksm.device import KsmDevice
+from cuse_ksm.engine import Engine, core
+from tests.engine.fakes import FakeSpace, check_consistency, page
+
+A = 0x7F00_0000_0000
+
+
+def engine_with(npages: int, content: bytes = page(1)) -> tuple[Engine, FakeSpace]:
+    engine = Engine()
+    space = FakeSpace()
+    space.map(A, [content] * npages)
+    engine.register(engine.new_sma(), space, A, npages)
+    return engine, space
+
+
+async def test_idle_until_started_then_scans_then_stops(autojump_clock):
+    engine, _ = engine_with(40)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        await trio.sleep(1)
+        assert engine.counters().pages_scanned == 0  # flags 0: idle
+        engine.set_kthread(sleep=1000, pages_to_scan=10, flags=1)
+        await trio.sleep(1)
+        c = engine.counters()
+        assert c.full_scans >= 2 and (c.pages_shared, c.pages_sharing) == (1, 39)
+        engine.set_kthread(sleep=1000, pages_to_scan=10, flags=0)
+        await trio.lowlevel.checkpoint()
+        scanned = engine.counters().pages_scanned
+        await trio.sleep(1)
+        assert engine.counters().pages_scanned == scanned
+        nursery.cancel_scope.cancel()
+    check_consistency(engine)
+
+
+async def test_pages_to_scan_pages_then_sleep(autojump_clock):
+    engine, _ = engine_with(10_000)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        engine.set_kthread(sleep=100_000, pages_to_scan=7, flags=1)  # 7 pages every 0.1 s
+        await trio.sleep(1.05)
+        # Rounds at t = 0, 0.1, ..., 1.0: 11 rounds of 7 pages.
+        assert engine.counters().pages_scanned == 77
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
+    engine, _ = engine_with(100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        engine.set_kthread(sleep=3_600_000_000, pages_to_scan=5, flags=1)  # an hour
+        await trio.sleep(10)
+        assert engine.counters().pages_scanned == 5
+        engine.set_kthread(sleep=1_000_000, pages_to_scan=5, flags=1)
+        await trio.sleep(0.5)  # the hour-long sleep was cut short: a round ran at once
+        assert engine.counters().pages_scanned == 10
+        nursery.cancel_scope.cancel()
+
+
+async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock):
+    engine = Engine()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        engine.set_kthread(sleep=0, pages_to_scan=100, flags=1)
+        await trio.sleep(1)
+        space = FakeSpace()
+        space.map(A, [page(3)] * 4)
+        engine.register(engine.new_sma(), space, A, 4)
+        for _ in range(100):
+            await trio.lowlevel.checkpoint()
+        assert engine.counters().pages_shared == 1
+        engine.set_kthread(sleep=1000, pages_to_scan=100, flags=1)
+        # Everything removed: back to idle, nothing left counted.
+        engine.remove_regions(engine.slots[0].sma)
+        await trio.sleep(1)
+        c = engine.counters()
+        assert (c.pages_shared, c.pages_sharing) == (0, 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
+    """While one round scans many batches, ioctls in the same loop keep being answered.
+
+    With YIELD_SECONDS at 0 the scanner yields after every batch, so the
+    count does not depend on this machine's speed.
+    """
+    monkeypatch.setattr(core, "YIELD_SECONDS", 0.0)
+    engine, _ = engine_with(64 * 256)
+    device = KsmDevice(engine, lambda tid: FakeSpace(tid))
+    fh = device.open(1).fh
+    answered = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 64 batches
+
+        async def poll_info() -> None:
+            nonlocal answered
+            while True:
+                out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"")
+                assert out.result == 0
+                answered += 1
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(poll_info)
+        while engine.counters().full_scans < 1:
+            await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    # About one answer per batch of the first pass (the poller starts a
+    # batch or so after the scanner, and the last batch ends the wait).
+    assert answered >= 64 * 256 // core.BATCH_PAGES - 3
