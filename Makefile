@@ -5,6 +5,7 @@
 #   make test      host tests, then the integration suite in one VM
 #   make test-host lint + tests that need no CUSE
 #   make test-vm   only the VM part
+#   make bench     the scanner against the host kernel's KSM (root, ~4 min)
 PYTHON ?= python3
 # The VM's kernel (Debian's has cuse.ko), qemu, busybox for virtme-ng's
 # initramfs, kmod for modprobe in the guest, libfuse3 headers for pyfuse3,
@@ -15,7 +16,7 @@ APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
 # shim may not cover yet on a fresh machine.
 export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
 
-.PHONY: setup apt pip test test-host test-vm demo lint c-tests clean
+.PHONY: setup apt pip test test-host test-vm demo lint c-tests bench clean
 
 setup: apt pip
 
@@ -32,7 +33,7 @@ pip:
 	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
 
 lint:
-	$(PYTHON) -m ruff check cuse_ksm tests examples
+	$(PYTHON) -m ruff check cuse_ksm tests examples bench
 
 c-tests:
 	$(MAKE) -s -C tests/c
@@ -47,6 +48,11 @@ test-vm: c-tests
 
 demo: c-tests
 	PYTHON=$$(command -v $(PYTHON)) tests/vm/run examples/demo.sh
+
+# Figures go to docs/benchmarks.md by hand, with the command; the last line
+# printed is the 1 GiB ratio emulator/kernel.
+bench:
+	$(PYTHON) -m bench
 
 clean:
 	$(MAKE) -s -C tests/c clean

@@ -1,0 +1,224 @@
+"""The emulator's engine on the same workloads, in a trio loop as the daemon runs it."""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+
+import trio
+
+from bench.workload import Workload
+from cuse_ksm import abi
+from cuse_ksm.device import KsmDevice
+from cuse_ksm.engine import Engine
+from cuse_ksm.host.procmem import ProcessMemory
+
+
+@dataclass
+class EmulatorRun:
+    seconds: float
+    cpu_seconds: float
+    full_scans: int
+    pages_shared: int
+    pages_sharing: int
+    pages_scanned: int
+
+
+def _register(engine: Engine, workload: Workload) -> None:
+    engine.register(engine.new_sma(), ProcessMemory.open(workload.pid), workload.addr, workload.npages)
+
+
+def measure(
+    workload: Workload, *, pages_to_scan: int, scanned_pages: int | None = None, timeout: float = 600
+) -> EmulatorRun:
+    """Time from REGISTER until fully merged (or ``scanned_pages`` scanned), scanner at full speed (sleep 0)."""
+
+    async def main() -> EmulatorRun:
+        engine = Engine()
+        want = workload.expected()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            gc.collect()
+            cpu0 = time.process_time()
+            t0 = time.perf_counter()
+            _register(engine, workload)
+            engine.set_kthread(sleep=0, pages_to_scan=pages_to_scan, flags=abi.KSM_CONTROL_FLAGS_RUN)
+            while True:
+                c = engine.counters()
+                if scanned_pages is not None:
+                    if c.pages_scanned >= scanned_pages:
+                        break
+                elif (c.pages_shared, c.pages_sharing) == want:
+                    break
+                if time.perf_counter() - t0 > timeout:
+                    raise TimeoutError(f"emulator: {c} after {timeout} s")
+                await trio.sleep(0.001)
+            elapsed = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
+            nursery.cancel_scope.cancel()
+        assert engine.errors == 0
+        for sma in list(engine.smas.values()):
+            engine.release_sma(sma)
+        return EmulatorRun(elapsed, cpu, c.full_scans, c.pages_shared, c.pages_sharing, c.pages_scanned)
+
+    return trio.run(main)
+
+
+@dataclass
+class MemoryRun:
+    npages: int
+    engine_bytes: int  # traced Python memory of the engine after the scans, shared page copies excluded
+    peak_bytes: int  # peak traced memory during the scans, shared page copies excluded
+    copies_bytes: int  # the shared page copies (KsmPage.data) at the end
+    pages_shared: int
+
+    @property
+    def per_page(self) -> float:
+        return self.engine_bytes / self.npages
+
+    @property
+    def peak_per_page(self) -> float:
+        return self.peak_bytes / self.npages
+
+
+def measure_memory(workload: Workload, passes: int = 3) -> MemoryRun:
+    """The engine's own memory per registered page after ``passes`` full scans.
+
+    Everything the engine allocates through Python's allocators is traced
+    by tracemalloc (its arrays included); the unstable tree's table is an
+    anonymous mapping, added in full; the 512 KiB read buffer (a fixed mmap)
+    is left out, as is anything in the scanned process.  The peak is
+    tracemalloc's over the whole run, minus the copies held at the end, plus
+    the final table (so it overstates, if anything).
+    """
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    engine = Engine()
+    _register(engine, workload)
+    for _ in range(passes):
+        engine.scan_now(1 << 40, stop_at_wrap=True)
+    gc.collect()
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    copies = sum(sys.getsizeof(k.data) for k in engine.stable)
+    # The unstable tree's table lives in an anonymous mapping, which
+    # tracemalloc does not see: add it, in full, as if all of it were touched.
+    table = engine.unstable.nbytes()
+    c = engine.counters()
+    own, own_peak = current - base - copies + table, peak - base - copies + table
+    run = MemoryRun(workload.npages, own, own_peak, copies, c.pages_shared)
+    for sma in list(engine.smas.values()):
+        engine.release_sma(sma)
+    return run
+
+
+# -- ioctl latency while the scanner runs --------------------------------------------
+
+# A client in another process sends one byte at random moments (every 1-3 ms),
+# the trio side answers each with a GET_INFO_KTHREAD through the device layer,
+# and the client times the round trip: how long a request that arrives on an
+# fd (as CUSE requests do) waits for the scanner to yield.
+CLIENT_SOURCE = r"""
+import os, random, sys, time
+rfd, wfd, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+rtts = []
+end = time.perf_counter() + seconds
+rng = random.Random(7)
+while time.perf_counter() < end:
+    time.sleep(rng.uniform(0.001, 0.003))
+    t = time.perf_counter()
+    os.write(wfd, b"?")
+    assert os.read(rfd, 64)
+    rtts.append(time.perf_counter() - t)
+print(" ".join(f"{x:.7f}" for x in rtts), flush=True)
+"""
+
+
+@dataclass
+class Latency:
+    label: str
+    samples: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+
+    @classmethod
+    def of(cls, label: str, seconds: list[float]) -> Latency:
+        us = sorted(x * 1e6 for x in seconds)
+        q = statistics.quantiles(us, n=100, method="inclusive")
+        return cls(label, len(us), statistics.median(us), q[98], us[-1])
+
+
+def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency]:
+    """Scheduling latency in the loop and fd round trips, scanner idle then at full speed."""
+
+    async def main() -> list[Latency]:
+        engine = Engine()
+        device = KsmDevice(engine, ProcessMemory.open)
+        fh = device.open(os.getpid()).fh
+        results: list[Latency] = []
+        _register(engine, workload)
+
+        async def scheduling(duration: float) -> list[float]:
+            late = []
+            end = trio.current_time() + duration
+            while trio.current_time() < end:
+                target = trio.current_time() + 0.002
+                await trio.sleep_until(target)
+                t = trio.current_time()
+                out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, os.getpid(), b"")
+                assert out.result == 0
+                late.append(t - target)
+            return late
+
+        async def round_trips(duration: float) -> list[float]:
+            to_client_r, to_client_w = os.pipe()
+            to_us_r, to_us_w = os.pipe()
+            client = subprocess.Popen(
+                [sys.executable, "-c", CLIENT_SOURCE, str(to_client_r), str(to_us_w), str(duration)],
+                pass_fds=(to_client_r, to_us_w),
+                stdout=subprocess.PIPE,
+            )
+            os.close(to_client_r)
+            os.close(to_us_w)
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(to_us_r)
+                    if not os.read(to_us_r, 64):
+                        break
+                    out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, os.getpid(), b"")
+                    os.write(to_client_w, out.out[:1] or b"!")
+            finally:
+                os.close(to_us_r)
+                os.close(to_client_w)
+            assert client.stdout is not None
+            data = client.stdout.read()
+            client.wait()
+            return [float(x) for x in data.split()]
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            # Idle: registered, scanner stopped.
+            results.append(Latency.of("in-loop scheduling, scanner idle", await scheduling(seconds)))
+            results.append(Latency.of("fd round trip, scanner idle", await round_trips(seconds)))
+            # Busy: full speed over the whole workload, pass after pass.
+            engine.set_kthread(sleep=0, pages_to_scan=100_000, flags=abi.KSM_CONTROL_FLAGS_RUN)
+            results.append(Latency.of("in-loop scheduling, scanner at full speed", await scheduling(seconds)))
+            results.append(Latency.of("fd round trip, scanner at full speed", await round_trips(seconds)))
+            scans = engine.counters().full_scans
+            nursery.cancel_scope.cancel()
+        assert scans >= 1, "the scanner did not get through a pass while measuring"
+        assert engine.errors == 0
+        for sma in list(engine.smas.values()):
+            engine.release_sma(sma)
+        return results
+
+    return trio.run(main)
