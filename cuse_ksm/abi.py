@@ -16,6 +16,11 @@ KSM_CONTROL_FLAGS_RUN = 1  # ksm_control_flags_run: bit 0 of ksm_kthread_info.fl
 
 PAGE_SIZE = 4096
 
+# Ranges of the header's field types: a value outside them cannot reach the
+# driver through the structs, so the control files refuse it too.
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+
 # asm-generic/ioctl.h encoding: dir(2) size(14) type(8) nr(8), dir _IOC_WRITE = 1.
 _IOC_NONE = 0
 _IOC_WRITE = 1
@@ -45,6 +50,30 @@ IOCTL_NAMES: dict[int, str] = {
 }
 
 
+def _check_fields(obj: object, widths: dict[str, int]) -> None:
+    """Refuse field values the C struct cannot hold (ValueError), before anything stores them."""
+    for name, limit in widths.items():
+        value = getattr(obj, name)
+        if not 0 <= value <= limit:
+            ctype = "__u32" if limit == U32_MAX else "__u64"
+            raise ValueError(f"{name} {value} does not fit in {ctype}")
+
+
+_REGION_WIDTHS = {"npages": U32_MAX, "pad": U32_MAX, "addr": U64_MAX, "reserved_bits": U64_MAX}
+_KTHREAD_WIDTHS = {
+    "sleep": U32_MAX,
+    "pages_to_scan": U32_MAX,
+    "flags": U32_MAX,
+    "pad": U32_MAX,
+    "reserved_bits": U64_MAX,
+}
+
+
+def _hex(value: int) -> str:
+    """strace's style for flags and addresses: 0 stays 0, the rest in hex."""
+    return f"{value:#x}" if value else "0"
+
+
 def ioctl_name(cmd: int) -> str:
     """The header's name of ``cmd``, or its hex value for an unknown command."""
     return IOCTL_NAMES.get(cmd, f"{cmd:#x}")
@@ -61,6 +90,9 @@ class MemoryRegion:
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIQQ")
 
+    def __post_init__(self) -> None:
+        _check_fields(self, _REGION_WIDTHS)
+
     @classmethod
     def unpack(cls, data: bytes) -> MemoryRegion:
         npages, pad, addr, reserved = cls.FORMAT.unpack(data)
@@ -68,6 +100,13 @@ class MemoryRegion:
 
     def pack(self) -> bytes:
         return self.FORMAT.pack(self.npages, self.pad, self.addr, self.reserved_bits)
+
+    def describe(self) -> str:
+        """The fields in C order, as strace prints a struct (used by ``--trace``)."""
+        return (
+            f"{{npages={self.npages}, pad={_hex(self.pad)}, addr={_hex(self.addr)}, "
+            f"reserved_bits={_hex(self.reserved_bits)}}}"
+        )
 
 
 @dataclass(frozen=True)
@@ -85,12 +124,26 @@ class KthreadInfo:
 
     FORMAT: ClassVar[struct.Struct] = struct.Struct("<IIIIQ")
 
+    def __post_init__(self) -> None:
+        # The one range check shared by START_STOP_KTHREAD (whose bytes always
+        # fit) and the control files' writes (whose text may not): the engine
+        # stores parameters only as a KthreadInfo, so nothing out of range is
+        # ever stored, whichever way it came in.
+        _check_fields(self, _KTHREAD_WIDTHS)
+
     @classmethod
     def unpack(cls, data: bytes) -> KthreadInfo:
         return cls(*cls.FORMAT.unpack(data))
 
     def pack(self) -> bytes:
         return self.FORMAT.pack(self.sleep, self.pages_to_scan, self.flags, self.pad, self.reserved_bits)
+
+    def describe(self) -> str:
+        """The fields in C order, as strace prints a struct (used by ``--trace``)."""
+        return (
+            f"{{sleep={self.sleep}, pages_to_scan={self.pages_to_scan}, flags={_hex(self.flags)}, "
+            f"pad={_hex(self.pad)}, reserved_bits={_hex(self.reserved_bits)}}}"
+        )
 
     @property
     def running(self) -> bool:

@@ -1,4 +1,8 @@
-"""Command line: ``cuse-ksm`` runs the daemon in the foreground."""
+"""Command line: ``cuse-ksm [options]`` runs the daemon in the foreground; ``cuse-ksm status`` reports.
+
+The daemon is the default (no subcommand), so ``python -m cuse_ksm`` and old
+service files keep working; ``status`` is the only subcommand.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import sys
 
 import trio
 
-from cuse_ksm import __version__
+from cuse_ksm import __version__, controlfs, status
 from cuse_ksm.daemon import NoCuseError, NodeAccess, Server, open_cuse_channel
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
@@ -50,7 +54,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", type=_group, help="group of the device node, e.g. kvm (default: root)")
     p.add_argument("--cuse", default="/dev/cuse", help="the CUSE channel (default: /dev/cuse)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: info")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--stats-dir",
+        metavar="DIR",
+        help=f"where to mount the control files (default: {controlfs.DEFAULT_ROOT}/NAME, NAME from --name)",
+    )
+    where.add_argument(
+        "--no-stats-dir",
+        dest="stats_dir",
+        action="store_const",
+        const="",
+        help="do not mount the control files",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="log every ioctl as strace would show it: caller, file, request, struct, result, time",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="log the scanner's counters every SECONDS (default: 0, never)",
+    )
+    sub = p.add_subparsers(dest="command", metavar="{status}", title="subcommand (default: run the daemon)")
+    st = sub.add_parser(
+        "status",
+        help="print the counters from the control files",
+        description="Print the KSM counters and the memory saved, read from the daemon's control files.",
+    )
+    status.add_arguments(st)
     return p
+
+
+async def log_counters(engine: Engine, interval: float) -> None:
+    """One line of counters every ``interval`` seconds, for watching the scanner from a terminal."""
+    while True:
+        await trio.sleep(interval)
+        c = engine.counters()
+        log.info(
+            "pages_shared %d pages_sharing %d pages_unshared %d pages_volatile %d full_scans %d pages_scanned %d",
+            c.pages_shared,
+            c.pages_sharing,
+            c.pages_unshared,
+            c.pages_volatile,
+            c.full_scans,
+            c.pages_scanned,
+        )
 
 
 async def run_daemon(args: argparse.Namespace) -> None:
@@ -58,7 +110,8 @@ async def run_daemon(args: argparse.Namespace) -> None:
     try:
         engine = Engine()
         device = KsmDevice(engine, ProcessMemory.open)
-        server = Server(channel, device, devname=args.name, access=NodeAccess(args.mode, args.group))
+        server = Server(channel, device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
+        stats_dir = controlfs.default_dir(args.name) if args.stats_dir is None else args.stats_dir
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -73,6 +126,15 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
+            await nursery.start(engine.run)
+            if stats_dir:
+                try:
+                    await nursery.start(controlfs.serve, engine, stats_dir)
+                except controlfs.MountError as e:
+                    # The device matters more than its statistics: serve it anyway.
+                    log.error("%s; running without control files", e)
+            if args.stats_interval > 0:
+                nursery.start_soon(log_counters, engine, args.stats_interval)
             nursery.start_soon(serve)
     finally:
         # Closing the channel makes the kernel tear the device node down.
@@ -84,7 +146,12 @@ async def run_daemon(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return status.run(args)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="cuse-ksm: %(levelname)s: %(message)s")
+    if args.trace:
+        # Its own level: --trace shows even with --log-level warning.
+        logging.getLogger("cuse_ksm.trace").setLevel(logging.INFO)
     try:
         trio.run(run_daemon, args)
     except NoCuseError as e:

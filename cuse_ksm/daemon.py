@@ -30,6 +30,9 @@ from cuse_ksm.host.ptrace import HandoutError, inject_open
 SYS_IOCTL = 16  # x86_64
 
 log = logging.getLogger("cuse_ksm")
+# --trace lines go to their own logger, set to INFO by the CLI, so that they
+# show whatever the daemon's --log-level.
+trace_log = logging.getLogger("cuse_ksm.trace")
 
 READ_BUFFER = 64 * 1024
 
@@ -84,6 +87,7 @@ class Server:
         dev_dir: str = "/dev",
         access: NodeAccess | None = None,
         injector: Injector = inject_into_ioctl,
+        trace: bool = False,
     ) -> None:
         self.channel = channel
         self.device = device
@@ -91,6 +95,8 @@ class Server:
         self.devpath = os.path.join(dev_dir, devname)
         self.access = access or NodeAccess()
         self._inject = injector
+        # Checked before any tracing work: off, the ioctl path does nothing extra.
+        self.trace = trace
         self.initialized = trio.Event()
         self.handouts_in_flight = 0
 
@@ -205,9 +211,12 @@ class Server:
             out_iovs = [(req.arg, need.copy_out)] if need.copy_out else []
             self._send(protocol.reply_ioctl_retry(unique, in_iovs, out_iovs))
             return
+        started = time.perf_counter() if self.trace else 0.0
         outcome = self.device.ioctl(req.fh, req.cmd, req.header.pid, req.in_data[: need.copy_in], compat=req.is_32bit)
         if isinstance(outcome, Done):
             self._send(protocol.reply_ioctl(unique, outcome.result, outcome.out))
+            if self.trace:
+                self._trace(req, outcome.result, outcome.out, started)
         else:
             nursery.start_soon(self._hand_out, req, outcome)
 
@@ -225,9 +234,12 @@ class Server:
         self.device.expect_open(tid, sma)
         self.handouts_in_flight += 1
         started = time.monotonic()
+        traced = time.perf_counter() if self.trace else 0.0
         try:
             fd = await self._inject(tid, self.devpath.encode(), os.O_RDWR, complete_syscall)
         except HandoutError as e:
+            if self.trace:
+                self._trace(req, -e.errno, b"", traced)
             name = errno.errorcode.get(e.errno, str(e.errno))
             # A caller killed mid-call is its own business; anything else is ours to explain.
             level = logging.INFO if e.errno == errno.ESRCH else logging.WARNING
@@ -239,9 +251,62 @@ class Server:
             self.device.hand_out_failed(tid, sma)
             if not replied:
                 self._send(protocol.reply_ioctl(unique, -errno.EINTR))
+            if self.trace:
+                self._trace(req, -errno.EINTR, b"", traced)
             raise
         else:
             ms = (time.monotonic() - started) * 1e3
             log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", sma.id, tid, fd, ms)
+            if self.trace:
+                self._trace(req, fd, b"", traced, sma_id=sma.id)
         finally:
             self.handouts_in_flight -= 1
+
+    # -- --trace ------------------------------------------------------------------
+
+    def _trace(self, req: protocol.Ioctl, result: int, out: bytes, started: float, *, sma_id: int = 0) -> None:
+        """One line per completed ioctl, as strace would show it, from what the daemon saw.
+
+        Only called when tracing is on.  The file is named from the daemon's
+        side (the device or SMA n: the caller's fd number is not known here);
+        the struct is the one copied in, or for GET_INFO_KTHREAD the one
+        copied out.  A negative result is shown as ``-1 ERRNO (text)``; the
+        positive quirks (+1, +22) as the plain numbers the caller receives.
+        """
+        ms = (time.perf_counter() - started) * 1e3
+        file = self.device.files.get(req.fh)
+        where = f"sma#{file.sma.id}" if isinstance(file, SmaFile) else self.devpath if file else f"fh#{req.fh}"
+        arg = _describe_arg(req.cmd, req.in_data, out, req.arg)
+        if result < 0:
+            name = errno.errorcode.get(-result, str(-result))
+            shown = f"-1 {name} ({os.strerror(-result)})"
+        else:
+            shown = str(result)
+        extra = f" (sma#{sma_id})" if sma_id else ""
+        bits = " [32-bit]" if req.is_32bit else ""
+        trace_log.info(
+            "trace: pid %d %s %s %s = %s%s <%.3f ms>%s",
+            req.header.pid,
+            where,
+            abi.ioctl_name(req.cmd),
+            arg,
+            shown,
+            extra,
+            ms,
+            bits,
+        )
+
+
+def _describe_arg(cmd: int, copied_in: bytes, copied_out: bytes, arg: int) -> str:
+    """The ioctl's argument: the decoded struct when one crossed, else the raw pointer value."""
+    try:
+        if cmd == abi.KSM_GET_INFO_KTHREAD and len(copied_out) >= abi.STRUCT_SIZE:
+            return abi.KthreadInfo.unpack(copied_out[: abi.STRUCT_SIZE]).describe()
+        if len(copied_in) >= abi.STRUCT_SIZE:
+            if cmd == abi.KSM_START_STOP_KTHREAD:
+                return abi.KthreadInfo.unpack(copied_in[: abi.STRUCT_SIZE]).describe()
+            if cmd == abi.KSM_REGISTER_MEMORY_REGION:
+                return abi.MemoryRegion.unpack(copied_in[: abi.STRUCT_SIZE]).describe()
+    except ValueError:
+        pass
+    return f"{arg:#x}" if arg else "0"

@@ -26,3 +26,24 @@ def test_bad_options_are_refused():
 def test_group_and_mode_parse():
     args = build_parser().parse_args(["--mode", "0660", "--group", "0", "--name", "ksm2"])
     assert (args.mode, args.group, args.name) == (0o660, 0, "ksm2")
+
+
+def test_control_files_and_trace_options():
+    p = build_parser()
+    args = p.parse_args([])
+    assert (args.command, args.stats_dir, args.trace, args.stats_interval) == (None, None, False, 0)
+    assert p.parse_args(["--stats-dir", "/tmp/x"]).stats_dir == "/tmp/x"
+    assert p.parse_args(["--no-stats-dir"]).stats_dir == ""
+    assert p.parse_args(["--trace", "--log-level", "warning"]).trace is True
+    result = subprocess.run(
+        [sys.executable, "-m", "cuse_ksm", "--stats-dir", "/a", "--no-stats-dir"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+def test_status_subcommand_parses():
+    p = build_parser()
+    args = p.parse_args(["status", "--dir", "/d", "--watch"])
+    assert (args.command, args.dir, args.watch, args.count) == ("status", "/d", 2.0, 0)
+    assert p.parse_args(["status", "--watch", "0.5"]).watch == 0.5
+    assert p.parse_args(["status"]).watch is None

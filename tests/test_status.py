@@ -1,0 +1,120 @@
+"""``cuse-ksm status``: the report, the errors, --watch, and a run against a real mount."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from cuse_ksm import controlfs, status
+from cuse_ksm.engine import Engine
+from tests.engine.fakes import FakeSpace, page
+from tests.test_controlfs import ROOT, mount_dir, needs_fuse, run
+
+VALUES = {
+    "run": 1,
+    "sleep": 200,
+    "sleep_millisecs": 0,
+    "pages_to_scan": 100,
+    "max_kernel_pages": 0,
+    "kernel_pages_allocated": 2,
+    "pages_shared": 2,
+    "pages_sharing": 510,
+    "pages_unshared": 7,
+    "pages_volatile": 3,
+    "full_scans": 4,
+    "pages_scanned": 2048,
+}
+
+
+def fake_dir(tmp_path: Path, values: dict[str, int] = VALUES) -> Path:
+    """A directory shaped like the mount: status only reads files, so plain files will do."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for name, value in values.items():
+        (tmp_path / name).write_text(f"{value}\n")
+    proc = tmp_path / "processes" / "1234"
+    proc.mkdir(parents=True)
+    (proc / "ksm_merging_pages").write_text("512\n")
+    (proc / "regions").write_text("sma addr npages merged\n1 0x7f0000000000 500 500\n2 0x7f1000000000 20 12\n")
+    return tmp_path
+
+
+def test_report_shows_counters_savings_and_processes(tmp_path):
+    text = status.render(status.read_snapshot(str(fake_dir(tmp_path))))
+    lines = text.splitlines()
+    assert lines[0] == f"cuse-ksm status of {tmp_path}"
+    assert lines[1] == "scanner: running (100 pages every 200 us), max_kernel_pages unlimited"
+    table = {line.split()[0]: line.split()[1:] for line in lines[3:10] if line.strip()}
+    assert table["pages_sharing"] == ["510", "1.99"]  # 510 * 4096 bytes
+    assert table["pages_shared"] == ["2", "0.01"]
+    assert table["full_scans"] == ["4"]  # not pages: no MiB
+    assert "saved: 1.99 MiB (510 pages: pages_sharing)" in lines
+    assert "sharing ratio: 255.0 sites per shared page" in lines
+    assert lines[-2].split() == ["pid", "regions", "pages", "merged", "MiB", "merged"]
+    assert lines[-1].split() == ["1234", "2", "520", "512", "2.00"]
+
+
+def test_scanner_states(tmp_path):
+    stopped = status.render(status.read_snapshot(str(fake_dir(tmp_path, {**VALUES, "run": 0}))))
+    assert "scanner: stopped" in stopped
+    idle = {**VALUES, "pages_to_scan": 0, "max_kernel_pages": 64}
+    text = status.render(status.read_snapshot(str(fake_dir(tmp_path / "b", idle))))
+    assert "set to run, but idle: pages_to_scan is 0" in text and "max_kernel_pages 64" in text
+
+
+def test_rates_per_second_between_two_frames():
+    before = status.Snapshot("/d", 10.0, dict(VALUES))
+    after = status.Snapshot("/d", 12.0, {**VALUES, "pages_scanned": 2048 + 1000, "full_scans": 6})
+    lines = status.render(after, before).splitlines()
+    assert lines[3].split() == ["pages", "MiB", "/s"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[4:10]}
+    assert rows["pages_scanned"] == ["3048", "11.91", "500.0"]
+    assert rows["full_scans"] == ["6", "1.0"]
+    assert rows["pages_sharing"][-1] == "0.0"
+
+
+def test_watch_redraws_with_rates(tmp_path):
+    args = argparse.Namespace(dir=str(fake_dir(tmp_path)), watch=0.05, count=3)
+    frames: list[str] = []
+    assert status.run(args, out=frames.append) == 0
+    assert len(frames) == 3
+    assert "/s" not in frames[0] and "/s" in frames[1] and "/s" in frames[2]
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    for directory, message in [
+        (tmp_path / "missing", "no control files at"),
+        (tmp_path, "not a cuse-ksm control directory"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", "cuse_ksm", "status", "--dir", str(directory)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+@needs_fuse
+async def test_status_of_a_live_mount(nursery):
+    engine = Engine()
+    space = FakeSpace(777)
+    space.map(0x20000, [page(3)] * 64)
+    engine.register(engine.new_sma(), space, 0x20000, 64)
+    engine.set_kthread(0, 64, 1)
+    with mount_dir() as path:
+        await nursery.start(engine.run)
+        await nursery.start(controlfs.serve, engine, path)
+        with trio.fail_after(10):
+            while engine.counters().pages_sharing != 63:
+                await trio.sleep(0.01)
+        result = await run(sys.executable, "-m", "cuse_ksm", "status", "--dir", path)
+        assert result.returncode == 0, result.stderr
+        assert "saved: 0.25 MiB (63 pages: pages_sharing)" in result.stdout
+        assert result.stdout.splitlines()[-1].split() == ["777", "1", "64", "64", "0.25"]
+        nursery.cancel_scope.cancel()
