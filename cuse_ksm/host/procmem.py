@@ -61,6 +61,57 @@ PM_ENTRY = 8  # bytes per pagemap entry
 # pm[7::8] mapped through this table: one byte per page, 1 or 0, in C.
 _PRESENT = bytes(1 if b & 0x80 else 0 for b in range(256))
 _RUNS = re.compile(rb"\x01+")
+PM_PRESENT = 1 << 63
+PM_SOFT_DIRTY = 1 << 55
+PM_PFN_MASK = (1 << 55) - 1
+
+
+def _zero_page_entries() -> tuple[bytes, ...]:
+    """The pagemap entries of an anonymous page that was only ever read.
+
+    Such a page maps the kernel's shared zero page: its pte is present, so
+    pagemap calls it present, but it is no page of the process's own and
+    holds no memory to save.  The kernel's KSM skips it (vm_normal_page()
+    gives no page for it); so do we, or pages_sharing would count savings
+    that do not exist.  (The 2009 kernels had no anonymous zero page at all:
+    a read allocated a private page; on today's kernel the zero page is
+    what the process really has.)
+
+    Found once, by reading a fresh page of our own and looking up its frame.
+    Empty when frames are hidden (no CAP_SYS_ADMIN: pagemap shows PFN 0).
+    """
+    probe = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        probe[0]  # a read fault maps the zero page
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(probe))
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            entry = int.from_bytes(os.pread(fd, PM_ENTRY, (addr >> PAGE_SHIFT) * PM_ENTRY), "little")
+        finally:
+            os.close(fd)
+    finally:
+        probe.close()
+    pfn = entry & PM_PFN_MASK
+    if not entry & PM_PRESENT or pfn == 0:
+        return ()
+    return tuple((PM_PRESENT | dirty | pfn).to_bytes(PM_ENTRY, "little") for dirty in (0, PM_SOFT_DIRTY))
+
+
+_ZERO_PAGE_ENTRIES = _zero_page_entries()
+
+
+def _drop_zero_pages(pm: bytes, present: bytes) -> bytes:
+    """``present`` with the pages that map the shared zero page marked absent."""
+    if not any(e in pm for e in _ZERO_PAGE_ENTRIES):  # the common case, searched in C
+        return present
+    marks = bytearray(present)
+    for entry in _ZERO_PAGE_ENTRIES:
+        at = pm.find(entry)
+        while at >= 0:
+            if at % PM_ENTRY == 0:  # a whole entry, not bytes straddling two
+                marks[at // PM_ENTRY] = 0
+            at = pm.find(entry, at + 1)
+    return bytes(marks)
 
 
 # Buffers we read into, by id, with the ctypes view that pins their address.
@@ -156,7 +207,7 @@ class ProcessMemory:
         # address space (those pages cannot be present), or the mm died.
         if len(pm) < npages * PM_ENTRY and not self.alive():
             return None
-        present = pm[7::PM_ENTRY].translate(_PRESENT)
+        present = _drop_zero_pages(pm, pm[7::PM_ENTRY].translate(_PRESENT))
         if len(present) < npages:
             present += bytes(npages - len(present))
         return present

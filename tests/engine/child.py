@@ -32,6 +32,9 @@ for line in sys.stdin:
         first, count, offset = (int(a) for a in args)
         for i in range(first, first + count):
             m[i * 4096 + offset:i * 4096 + offset + 8] = i.to_bytes(8, "little")
+    elif cmd == "touch":  # touch FIRST COUNT: read one byte of each page (maps the shared zero page)
+        first, count = (int(a) for a in args)
+        sum(m[i * 4096] for i in range(first, first + count))
     elif cmd == "unmap":
         first, count = (int(a) for a in args)
         assert libc.munmap(addr + first * 4096, count * 4096) == 0
@@ -80,6 +83,10 @@ class Child:
 
     def stamp(self, first: int, count: int, offset: int) -> None:
         self._cmd(f"stamp {first} {count} {offset}")
+
+    def touch(self, first: int, count: int) -> None:
+        """Read (never write) pages: they map the kernel's shared zero page."""
+        self._cmd(f"touch {first} {count}")
 
     def unmap(self, first: int, count: int) -> None:
         self._cmd(f"unmap {first} {count}")

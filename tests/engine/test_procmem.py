@@ -49,6 +49,24 @@ def test_reads_present_pages_and_never_faults_in_the_others(children):
         space.close()
 
 
+def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
+    """As the kernel's KSM: a page never written holds no memory of its own to merge."""
+    child = spawn(children, 32)
+    child.fill(0, 8, 0)  # written zeros: eight private pages that happen to be zero
+    child.touch(8, 16)  # read only: all map the shared zero page
+    space = ProcessMemory.open(child.pid)
+    engine = Engine()
+    try:
+        assert space.present(child.addr, 32) == bytes([1] * 8 + [0] * 24)
+        engine.register(engine.new_sma(), space, child.addr, 32)
+        full_scans(engine, 3)
+        c = engine.counters()
+        assert (c.pages_shared, c.pages_sharing) == (1, 7)  # not 1/23
+        check_consistency(engine)
+    finally:
+        engine.release_sma(next(iter(engine.smas.values())))
+
+
 def test_unmapped_range_reads_as_not_present(children):
     child = spawn(children, 16)
     child.fill(0, 16, 0x33)
