@@ -6,6 +6,8 @@
 #   make test-host lint + tests that need no CUSE
 #   make test-vm   only the VM part
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
+#   make soak      64 processes hammer the daemon for a minute in the VM (~4 min)
+#   make examples  build the historic C programs (examples/*.c) into examples/bin
 PYTHON ?= python3
 # The VM's kernel (Debian's has cuse.ko), qemu, busybox for virtme-ng's
 # initramfs, kmod for modprobe in the guest, libfuse3 headers for pyfuse3,
@@ -16,7 +18,7 @@ APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
 # shim may not cover yet on a fresh machine.
 export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
 
-.PHONY: setup apt pip test test-host test-vm demo lint c-tests bench clean
+.PHONY: setup apt pip test test-host test-vm demo lint c-tests selftests examples bench soak clean
 
 setup: apt pip
 
@@ -38,12 +40,26 @@ lint:
 c-tests:
 	$(MAKE) -s -C tests/c
 
+selftests:
+	$(MAKE) -s -C tests/selftests
+
+# The historic programs: ksmctl, qemu_register, ksmpages (see README).
+CC ?= cc
+EXAMPLES := ksmctl qemu_register ksmpages
+EXAMPLE_CFLAGS := -O2 -Wall -Wextra -Werror -Iinclude
+
+examples: $(addprefix examples/bin/,$(EXAMPLES))
+
+examples/bin/%: examples/%.c include/linux/ksm.h
+	@mkdir -p examples/bin
+	$(CC) $(EXAMPLE_CFLAGS) -o $@ $<
+
 test: test-host test-vm
 
-test-host: lint c-tests
+test-host: lint c-tests selftests examples
 	$(PYTHON) -m pytest -q --ignore=tests/integration tests
 
-test-vm: c-tests
+test-vm: c-tests selftests examples
 	PYTHON=$$(command -v $(PYTHON)) tests/vm/run
 
 demo: c-tests
@@ -54,6 +70,16 @@ demo: c-tests
 bench:
 	$(PYTHON) -m bench
 
+# The long load test (tests/integration/test_robust_soak.py), never part of
+# make test: 64 processes x 3 SMAs x 2 regions for 60 s with the scanner on.
+soak: c-tests
+	CUSE_KSM_SOAK=1 VM_PASS_ENV="CUSE_KSM_SOAK CUSE_KSM_SOAK_SECONDS" PYTEST_ARGS="-s -k soak" \
+	    PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+
 clean:
 	$(MAKE) -s -C tests/c clean
+	$(MAKE) -s -C tests/robust clean
+	$(MAKE) -s -C bench/cuse_c clean
+	$(MAKE) -s -C tests/selftests clean
+	rm -rf examples/bin
 	rm -rf tests/vm/out .pytest_cache

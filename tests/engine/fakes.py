@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import mmap
-from collections import Counter
 
 from cuse_ksm.engine import Engine
-from cuse_ksm.engine.trees import CHUNK_PAGES, MERGED, NO_ITEM, PAGE_SIZE, UNSTABLE
+from cuse_ksm.engine.check import check_engine
+from cuse_ksm.engine.trees import PAGE_SIZE
 
 
 def page(fill: int, tail: bytes = b"") -> bytes:
@@ -77,28 +77,5 @@ def full_scans(engine: Engine, n: int) -> None:
 
 
 def check_consistency(engine: Engine) -> None:
-    """Recompute every counter from the reverse-map items and compare."""
-    items = unshared = sharers = 0
-    by_kpage: Counter[int] = Counter()
-    for slot in engine.slots:
-        merged = 0
-        for chunk in slot.chunks.values():
-            for k in range(CHUNK_PAGES):
-                st = chunk.state[k]
-                if st != NO_ITEM:
-                    items += 1
-                if st == UNSTABLE:
-                    unshared += 1
-                if st == MERGED:
-                    sharers += 1
-                    merged += 1
-                    by_kpage[chunk.word[k]] += 1
-        assert slot.pages_merged == merged
-    c = engine.counters()
-    assert c.pages_unshared == unshared
-    assert c.pages_shared == len(engine.stable) == len(by_kpage)
-    assert c.pages_sharing == sharers - len(by_kpage)
-    assert c.pages_volatile == items - sharers - unshared
-    for kpage in engine.stable:
-        assert kpage.sharers == by_kpage[kpage.id] >= 1
-    assert engine.errors == 0
+    """Every counter recomputed from the reverse-map items, the trees walked (cuse_ksm.engine.check)."""
+    check_engine(engine)

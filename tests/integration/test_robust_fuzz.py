@@ -1,0 +1,264 @@
+"""Random ioctls with real bad pointers on the real /dev/ksm (issue 6, part 1, in the VM).
+
+Hypothesis drives random sequences of ioctls on device and SMA fds - random
+command numbers, the six real ones on the wrong kind of fd, and pointers
+that are NULL, unmapped, read-only, PROT_NONE, kernel, non-canonical, or
+straddle the end of a mapping - and REGISTERs with hostile npages and
+addresses.  Each result is compared with a model of the 2009 driver: the
+seed's result for known commands (quirks included), EFAULT when the kernel
+cannot copy the struct, EINVAL (device) or +22 (SMA) for anything else.
+After every example the daemon is alive, answers, traces nobody, and once
+the fds are closed its fds and threads are back to baseline and it shows no
+region of ours.  The budget is bounded (max_examples) to keep the VM run short.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+
+import pyksm
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.conftest import DEVICE
+from tests.integration.test_robust_faults import daemon_snapshot, settle_to
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc.ioctl.restype = ctypes.c_int
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+PAGE = 4096
+STATS = "/run/cuse-ksm/ksm"
+
+KNOWN = [
+    pyksm.KSM_GET_API_VERSION,
+    pyksm.KSM_CREATE_SHARED_MEMORY_AREA,
+    pyksm.KSM_START_STOP_KTHREAD,
+    pyksm.KSM_GET_INFO_KTHREAD,
+    pyksm.KSM_REGISTER_MEMORY_REGION,
+    pyksm.KSM_REMOVE_MEMORY_REGION,
+]
+# ioctl types the VFS answers itself for any file (do_vfs_ioctl: FIOCLEX,
+# FIONBIO... 'T', FS_IOC_* 'f', FIFREEZE 'X', FICLONE 0x94, FIBMAP/FIGETBSZ
+# type 0): those never reach the device, so the model does not apply.
+VFS_TYPES = {0x54, 0x66, 0x58, 0x94, 0x00}
+
+
+def _ioc(direction: int, typ: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (typ << 8) | nr
+
+
+commands = st.one_of(
+    st.sampled_from(KNOWN),
+    st.builds(_ioc, st.integers(0, 3), st.just(0xAB), st.integers(0, 255), st.sampled_from([0, 8, 24, 4095])),
+    st.integers(0, 2**32 - 1),
+).filter(lambda c: c in KNOWN or (c >> 8) & 0xFF not in VFS_TYPES)
+
+
+def _map(prot: int, npages: int = 1) -> int:
+    addr = libc.mmap(None, npages * PAGE, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr and addr != ctypes.c_void_p(-1).value
+    return addr
+
+
+class Memory:
+    """Pointers of every kind, in this process."""
+
+    def __init__(self) -> None:
+        self.good = _map(mmap.PROT_READ | mmap.PROT_WRITE, 4)
+        ctypes.memset(self.good, 0x5A, 4 * PAGE)
+        self.readonly = _map(mmap.PROT_READ)
+        self.protnone = _map(0)
+        self.unmapped = _map(mmap.PROT_READ)
+        libc.munmap(self.unmapped, PAGE)
+        edge = _map(mmap.PROT_READ | mmap.PROT_WRITE, 2)
+        libc.munmap(edge + PAGE, PAGE)
+        self.straddle = edge + PAGE - 8  # 8 bytes readable, 16 beyond the mapping
+
+    # (address, readable, writable)
+    def pointer(self, kind: str) -> tuple[int, bool, bool]:
+        return {
+            "good": (self.good + 64, True, True),
+            "readonly": (self.readonly, True, False),
+            "protnone": (self.protnone, False, False),
+            "unmapped": (self.unmapped, False, False),
+            "straddle": (self.straddle, False, False),
+            "null": (0, False, False),
+            "kernel": (0xFFFF_8880_0000_0000, False, False),
+            "noncanonical": (0x8000_0000_0000_0000, False, False),
+            "minus1": (2**64 - 1, False, False),
+        }[kind]
+
+
+POINTERS = ["good", "good", "good", "readonly", "protnone", "unmapped", "straddle", "null", "kernel", "noncanonical"]
+POINTERS += ["minus1"]
+REGION_ADDRS = ["good", "unaligned", "null", "kernel", "unmapped", "top", "noncanonical"]
+
+
+@st.composite
+def payloads(draw: st.DrawFn) -> tuple:
+    """The 24 bytes at a good pointer: a region or kthread info with hostile fields, or noise."""
+    kind = draw(st.sampled_from(["region", "kthread", "noise"]))
+    if kind == "region":
+        npages = draw(st.sampled_from([0, 1, 4, 2**32 - 1, 2**31]) | st.integers(0, 2**32 - 1))
+        return (kind, npages, draw(st.sampled_from(REGION_ADDRS)), draw(st.binary(min_size=12, max_size=12)))
+    if kind == "kthread":
+        sleep = draw(st.sampled_from([0, 1, 1000, 2**32 - 1]))
+        pages = draw(st.sampled_from([0, 1, 16, 2**32 - 1]))
+        flags = draw(st.sampled_from([0, 1, 2, 3, 2**32 - 1]))
+        return (kind, sleep, pages, flags, draw(st.binary(min_size=12, max_size=12)))
+    return (kind, draw(st.binary(min_size=24, max_size=24)))
+
+
+@st.composite
+def operations(draw: st.DrawFn) -> list[tuple]:
+    ops: list[tuple] = [("create",)] if draw(st.booleans()) else []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(["ioctl", "ioctl", "ioctl", "ioctl", "create", "close", "open"]))
+        if kind == "ioctl":
+            fd, ptr = draw(st.integers(0, 5)), draw(st.sampled_from(POINTERS))
+            ops.append((kind, fd, draw(commands), ptr, draw(payloads())))
+        elif kind == "close":
+            ops.append((kind, draw(st.integers(0, 5))))
+        else:
+            ops.append((kind,))
+    return ops
+
+
+def encode(payload: tuple, mem: Memory) -> bytes:
+    if payload[0] == "region":
+        _, npages, where, junk = payload
+        addr = {
+            "good": mem.good,
+            "unaligned": mem.good + 100,
+            "null": 0,
+            "kernel": 0xFFFF_FFFF_8100_0000,
+            "unmapped": mem.unmapped,
+            "top": 0x7FFF_FFFF_F000,
+            "noncanonical": 0xDEAD_0000_0000_0000,
+        }[where]
+        return npages.to_bytes(4, "little") + junk[:4] + addr.to_bytes(8, "little") + junk[4:]
+    if payload[0] == "kthread":
+        _, sleep, pages, flags, junk = payload
+        return sleep.to_bytes(4, "little") + pages.to_bytes(4, "little") + flags.to_bytes(4, "little") + junk
+    return payload[1]
+
+
+def get_info(fd: int) -> tuple[int, int, int]:
+    info = pyksm.ksm_kthread_info()
+    assert libc.ioctl(fd, pyksm.KSM_GET_INFO_KTHREAD, ctypes.addressof(info)) == 0
+    return info.sleep, info.pages_to_scan, info.flags
+
+
+def set_info(fd: int, sleep: int, pages: int, flags: int) -> int:
+    info = pyksm.ksm_kthread_info(sleep=sleep, pages_to_scan=pages, flags=flags)
+    return libc.ioctl(fd, pyksm.KSM_START_STOP_KTHREAD, ctypes.addressof(info))
+
+
+def run_example(ops: list[tuple], mem: Memory) -> None:
+    dev = os.open(DEVICE, os.O_RDWR)
+    saved = get_info(dev)
+    model = list(saved)
+    fds: list[tuple[int, str]] = [(dev, "dev")]
+    try:
+        for op in ops:
+            if op[0] == "open":
+                fds.append((os.open(DEVICE, os.O_RDWR), "dev"))
+            elif op[0] == "create":
+                sma = libc.ioctl(dev, pyksm.KSM_CREATE_SHARED_MEMORY_AREA, None)
+                assert sma >= 0, os.strerror(ctypes.get_errno())
+                fds.append((sma, "sma"))
+            elif op[0] == "close":
+                if 0 < op[1] < len(fds):
+                    os.close(fds.pop(op[1])[0])
+            else:
+                _, index, cmd, ptr_kind, payload = op
+                fd, what = fds[index % len(fds)]
+                ptr, readable, writable = mem.pointer(ptr_kind)
+                data = encode(payload, mem)
+                if ptr_kind == "good":
+                    ctypes.memmove(ptr, data, 24)
+                elif readable:
+                    data = ctypes.string_at(ptr, 24)  # what is there (a read-only page of zeros)
+                ctypes.set_errno(0)
+                got = libc.ioctl(fd, cmd, ptr)
+                err = ctypes.get_errno() if got == -1 else 0
+                outcome = (got, err)
+                if what == "dev":
+                    if cmd == pyksm.KSM_GET_API_VERSION:
+                        want = (1, 0)
+                    elif cmd == pyksm.KSM_CREATE_SHARED_MEMORY_AREA:
+                        assert got >= 0, (hex(cmd), outcome)
+                        fds.append((got, "sma"))
+                        continue
+                    elif cmd == pyksm.KSM_START_STOP_KTHREAD:
+                        if not readable:
+                            want = (-1, errno.EFAULT)
+                        else:
+                            sleep, pages, flags = (int.from_bytes(data[i : i + 4], "little") for i in (0, 4, 8))
+                            if flags & 1 and pages == 0:
+                                want = (1, 0)  # the seed's positive EPERM
+                            else:
+                                want = (0, 0)
+                                model[:] = [sleep, pages, flags]
+                    elif cmd == pyksm.KSM_GET_INFO_KTHREAD:
+                        want = (0, 0) if writable else (-1, errno.EFAULT)
+                        if writable:
+                            got_info = ctypes.string_at(ptr, 12)
+                            assert got_info == b"".join(v.to_bytes(4, "little") for v in model)
+                    else:
+                        want = (-1, errno.EINVAL)
+                else:
+                    if cmd == pyksm.KSM_REGISTER_MEMORY_REGION:
+                        want = (0, 0) if readable else (-1, errno.EFAULT)
+                    elif cmd == pyksm.KSM_REMOVE_MEMORY_REGION:
+                        want = (0, 0)
+                    else:
+                        want = (22, 0)  # the seed's positive EINVAL on an SMA
+                assert outcome == want, (what, hex(cmd), ptr_kind, payload, outcome, want)
+        assert get_info(dev) == tuple(model)
+    finally:
+        # Stop a scanner the example may have started on huge bogus regions.
+        set_info(dev, *saved)
+        for fd, _ in reversed(fds):
+            os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def memory() -> Memory:
+    return Memory()
+
+
+BUDGET = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+
+
+@BUDGET
+@given(ops=operations())
+def test_random_ioctls_with_bad_pointers(ops, memory, daemon_pid):
+    run_example(ops, memory)
+    assert os.path.exists(f"/proc/{daemon_pid}")
+
+
+def test_the_daemon_is_back_to_baseline_after_the_fuzzing(daemon_pid, memory):
+    """Run a fixed batch of the worst cases, then: same fds and threads, no region of ours, nobody traced."""
+    before = daemon_snapshot(daemon_pid)
+    for ptr in POINTERS:
+        for cmd in KNOWN:
+            ops = [("create",), ("ioctl", 1, cmd, ptr, ("region", 2**32 - 1, "kernel", bytes(12)))]
+            ops.append(("ioctl", 0, cmd, ptr, ("kthread", 0, 1, 1, bytes(12))))
+            run_example(ops, memory)
+    settle_to(daemon_pid, before)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"{STATS}/processes/{os.getpid()}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.isdir(STATS):
+        assert not os.path.exists(f"{STATS}/processes/{os.getpid()}")
