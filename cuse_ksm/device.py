@@ -55,7 +55,7 @@ class SmaFile:
 OpenFile = DeviceFile | SmaFile
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Done:
     """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out."""
 
@@ -170,9 +170,9 @@ class KsmDevice:
             self.engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
             return Done(0)
         if cmd == abi.KSM_GET_INFO_KTHREAD:
-            k = self.engine.kthread
-            out = abi.KthreadInfo(sleep=k.sleep, pages_to_scan=k.pages_to_scan, flags=k.flags)
-            return Done(0, out.pack())
+            # The engine stores exactly the three fields the driver copies out
+            # (pad and reserved_bits 0), so its struct is the reply as it stands.
+            return Done(0, self.engine.kthread.pack())
         return Done(-errno.EINVAL)
 
     def _sma_ioctl(self, sma: Sma, cmd: int, tid: int, data: bytes) -> Outcome:
