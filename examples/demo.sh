@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The short demo: start the daemon, drive /dev/ksm from C and from Python, stop.
+# The short demo: start the daemon, drive /dev/ksm from C and from Python,
+# watch the scanner merge identical pages, stop.
 # Runs where CUSE exists (inside the VM that `make demo` boots, or on a real
 # machine with the cuse module); needs root.
 set -euo pipefail
@@ -18,3 +19,17 @@ make -s -C tests/c
 tests/c/bin/ksm_abi_sequence
 echo "== the same from Python (examples/pyksm.py, ctypes)"
 $PYTHON examples/pyksm.py
+
+echo "== kksmd at work: 1024 identical pages registered, merged on the second pass"
+stats=/run/cuse-ksm/ksm
+coproc merger { tests/c/bin/ksm_merge_wait 1024 4096 10000; }
+while read -r word pid addr <&"${merger[0]}" && [ "$word" != ready ]; do :; done
+echo "pid $pid registered 1024 identical pages at $addr and started the scanner"
+for _ in $(seq 600); do
+    [ "$(cat $stats/pages_sharing)" = 1023 ] && break
+    sleep 0.1
+done
+echo "pages_shared $(cat $stats/pages_shared), pages_sharing $(cat $stats/pages_sharing), full_scans $(cat $stats/full_scans)"
+$PYTHON -m cuse_ksm status
+exec {merger[1]}>&-  # end of its stdin: it exits
+wait "$merger_PID"
