@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,21 @@ def find_daemon_pid() -> int:
             if b"cuse_ksm" in cmd or any(part.endswith(b"cuse-ksm") for part in cmd[:2]):
                 return int(entry)
     raise LookupError("no cuse-ksm daemon running")
+
+
+@pytest.fixture
+def scanner_restored() -> Iterator[None]:
+    """The programs set the scanner through the ioctl; put back what was there."""
+    from pyksm import Ksm
+
+    with Ksm(DEVICE) as ksm:
+        before = ksm.info()
+    yield
+    with Ksm(DEVICE) as ksm:
+        if before.flags & 1 and before.pages_to_scan:
+            ksm.start(before.pages_to_scan, before.sleep)
+        else:
+            ksm.stop()
 
 
 @pytest.fixture

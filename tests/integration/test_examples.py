@@ -7,11 +7,10 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from pyksm import Ksm
 
 from tests.integration.conftest import DEVICE, ROOT
 
@@ -36,18 +35,6 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def built() -> Path:
     subprocess.run(["make", "-s", "-C", str(ROOT), "examples"], check=True)
     return BIN
-
-
-@pytest.fixture
-def scanner_restored() -> Iterator[None]:
-    with Ksm(DEVICE) as ksm:
-        before = ksm.info()
-    yield
-    with Ksm(DEVICE) as ksm:
-        if before.flags & 1 and before.pages_to_scan:
-            ksm.start(before.pages_to_scan, before.sleep)
-        else:
-            ksm.stop()
 
 
 def ksmctl(built: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from pyksm import Ksm
 
 from tests.integration.conftest import DEVICE, ROOT
 
@@ -27,19 +25,6 @@ PROGRAMS = ["ksm_merge", "ksm_unmerge", "ksm_zero_pages", "ksm_many_processes", 
 def built() -> Path:
     subprocess.run(["make", "-s", "-C", str(SELFTESTS)], check=True)
     return SELFTESTS / "bin"
-
-
-@pytest.fixture
-def scanner_restored() -> Iterator[None]:
-    """The programs set the scanner through the ioctl; put back what was there."""
-    with Ksm(DEVICE) as ksm:
-        before = ksm.info()
-    yield
-    with Ksm(DEVICE) as ksm:
-        if before.flags & 1 and before.pages_to_scan:
-            ksm.start(before.pages_to_scan, before.sleep)
-        else:
-            ksm.stop()
 
 
 def parse(output: str) -> tuple[list[str], list[str], list[str]]:
