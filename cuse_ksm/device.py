@@ -41,7 +41,6 @@ class DeviceFile:
     """An open of /dev/ksm by a program."""
 
     fh: int
-    opener_pid: int
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ class KsmDevice:
         """A FUSE_OPEN from thread ``tid``: the injected open of a hand-out, or a plain device open."""
         fh = next(self._fhs)
         sma = self._expected_opens.pop(tid, None)
-        file: OpenFile = SmaFile(fh, sma) if sma is not None else DeviceFile(fh, tid)
+        file: OpenFile = SmaFile(fh, sma) if sma is not None else DeviceFile(fh)
         self.files[fh] = file
         return file
 
