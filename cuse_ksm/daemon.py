@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from cuse_ksm import abi, protocol
-from cuse_ksm.device import Done, HandOut, KsmDevice, SmaFile
+from cuse_ksm.device import Done, Fetch, HandOut, KsmDevice, SmaFile
 from cuse_ksm.host.ptrace import HandoutError, inject_open
 
 SYS_IOCTL = 16  # x86_64
@@ -111,9 +111,8 @@ class Server:
         self._inject = injector
         # Checked before any tracing work: off, the ioctl path does nothing extra.
         self.trace = trace
-        self.initialized = trio.Event()
+        self.initialized = False  # CUSE_INIT answered
         self.handouts_in_flight = 0
-        self._burst = 0
         self._linger = select.poll()
         self._linger.register(channel, select.POLLIN)
 
@@ -134,49 +133,43 @@ class Server:
         return True
 
     def _read(self) -> bytes | None:
-        """One request if one is queued; None once the kernel closed the channel.
+        """One request; b"" once the kernel closed the channel; None if nothing is queued.
 
-        Raises BlockingIOError when there is nothing to read right now,
-        including a request that vanished before we read it (its caller was
-        interrupted: ENOENT) and an interrupted read.
+        Nothing queued includes a request that vanished before we read it
+        (its caller was interrupted: ENOENT) and an interrupted read.
         """
         try:
             return os.read(self.channel, READ_BUFFER)
-        except InterruptedError:
-            raise BlockingIOError from None
+        except (BlockingIOError, InterruptedError):
+            return None
         except OSError as e:
             if e.errno == errno.ENOENT:
-                raise BlockingIOError from None
+                return None
             if e.errno == errno.ENODEV:
-                return None  # connection aborted
+                return b""  # connection aborted
             raise
 
-    async def _receive(self) -> bytes | None:
-        # try/except rather than contextlib.suppress: this runs once per
-        # request, and a try block costs nothing until something is raised.
-        self._burst += 1
-        if self._burst < READ_BURST:
-            try:
-                return self._read()
-            except BlockingIOError:
-                pass
-            if self._linger.poll(LINGER_MS):
-                try:
-                    return self._read()
-                except BlockingIOError:
-                    pass
-        self._burst = 0
+    async def _read_waiting(self) -> bytes:
+        """The next request, through trio's I/O wait: a checkpoint."""
         while True:
             await trio.lowlevel.wait_readable(self.channel)
-            try:
-                return self._read()
-            except BlockingIOError:
-                continue
+            data = self._read()
+            if data is not None:
+                return data
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
+            burst = 0  # requests read since the last checkpoint: see READ_BURST
             while True:
-                data = await self._receive()
+                data = None
+                if burst < READ_BURST:
+                    burst += 1
+                    data = self._read()
+                    if data is None and self._linger.poll(LINGER_MS):
+                        data = self._read()
+                if data is None:
+                    burst = 0
+                    data = await self._read_waiting()
                 if not data:
                     log.info("CUSE channel closed by the kernel")
                     nursery.cancel_scope.cancel()
@@ -186,25 +179,26 @@ class Server:
                 except protocol.ProtocolError as e:
                     log.error("malformed request ignored: %s", e)
                     continue
-                self._dispatch(request, nursery)
+                # Nearly every request of a running device is an ioctl: straight to it.
+                if isinstance(request, protocol.Ioctl) and self.initialized:
+                    self._ioctl(request, nursery)
+                else:
+                    self._dispatch(request, nursery)
 
     # -- requests ---------------------------------------------------------------
 
     def _dispatch(self, req: protocol.Request, nursery: trio.Nursery) -> None:
-        # Nearly every request of a running device is an ioctl: test for it first.
-        if isinstance(req, protocol.Ioctl) and self.initialized.is_set():
-            self._ioctl(req, nursery)
-            return
-        unique = req.header.unique
+        """Every request but an ioctl once the device is up (serve() takes those)."""
+        unique = req.unique
         if isinstance(req, protocol.CuseInit):
             self._init(req, nursery)
-        elif not self.initialized.is_set():
+        elif not self.initialized:
             self._send(protocol.reply_error(unique, errno.EIO))
         elif isinstance(req, protocol.Open):
-            file = self.device.open(req.header.pid)
+            file = self.device.open(req.pid)
             self._send(protocol.reply_open(unique, file.fh))
             if isinstance(file, SmaFile):
-                log.debug("tid %d opened SMA %d as fh %d", req.header.pid, file.sma.id, file.fh)
+                log.debug("tid %d opened SMA %d as fh %d", req.pid, file.sma.id, file.fh)
         elif isinstance(req, protocol.Release):
             self.device.release(req.fh)
             self._send(protocol.reply_empty(unique))
@@ -223,11 +217,11 @@ class Server:
     def _init(self, req: protocol.CuseInit, nursery: trio.Nursery) -> None:
         if req.major != protocol.FUSE_KERNEL_VERSION:
             log.error("kernel speaks FUSE %d.%d, we need 7.x", req.major, req.minor)
-            self._send(protocol.reply_error(req.header.unique, errno.EPROTO))
+            self._send(protocol.reply_error(req.unique, errno.EPROTO))
             return
         minor = min(req.minor, protocol.FUSE_KERNEL_MINOR_VERSION)
-        self._send(protocol.reply_cuse_init(req.header.unique, self.devname, minor=minor))
-        self.initialized.set()
+        self._send(protocol.reply_cuse_init(req.unique, self.devname, minor=minor))
+        self.initialized = True
         log.info("serving %s (FUSE 7.%d)", self.devpath, minor)
         if self.access.mode is not None or self.access.gid is not None:
             nursery.start_soon(self._set_node_access)
@@ -244,28 +238,23 @@ class Server:
         log.warning("%s did not appear within 10 s; mode and group not set", self.devpath)
 
     def _ioctl(self, req: protocol.Ioctl, nursery: trio.Nursery) -> None:
-        unique = req.header.unique
-        need = self.device.ioctl_data(req.fh, req.cmd)
-        if (need.copy_in and req.in_size < need.copy_in) or (need.copy_out and req.out_size < need.copy_out):
+        started = time.perf_counter() if self.trace else 0.0
+        outcome = self.device.ioctl(req.fh, req.cmd, req.pid, req.in_data, req.out_size, req.is_32bit)
+        if isinstance(outcome, Done):
+            self._send(protocol.reply_ioctl(req.unique, outcome.result, outcome.out))
+            if self.trace:
+                self._trace(req, outcome.result, outcome.out, started)
+        elif isinstance(outcome, Fetch):
             # Unrestricted ioctl: the first call carries no data.  Name the
             # caller's bytes; the kernel copies them (or fails with EFAULT for a
             # bad pointer, before we hear of it) and calls again.
-            in_iovs = [(req.arg, need.copy_in)] if need.copy_in else []
-            out_iovs = [(req.arg, need.copy_out)] if need.copy_out else []
-            self._send(protocol.reply_ioctl_retry(unique, in_iovs, out_iovs))
-            return
-        started = time.perf_counter() if self.trace else 0.0
-        outcome = self.device.ioctl(req.fh, req.cmd, req.header.pid, req.in_data[: need.copy_in], compat=req.is_32bit)
-        if isinstance(outcome, Done):
-            self._send(protocol.reply_ioctl(unique, outcome.result, outcome.out))
-            if self.trace:
-                self._trace(req, outcome.result, outcome.out, started)
+            self._send(protocol.reply_ioctl_retry(req.unique, req.arg, outcome.copy_in, outcome.copy_out))
         else:
             nursery.start_soon(self._hand_out, req, outcome)
 
     async def _hand_out(self, req: protocol.Ioctl, hand_out: HandOut) -> None:
         """Put a new fd of the device, bound to the new SMA, into the calling thread."""
-        tid, unique, sma = req.header.pid, req.header.unique, hand_out.sma
+        tid, unique, sma = req.pid, req.unique, hand_out.sma
         replied = False
 
         def complete_syscall() -> None:
@@ -329,7 +318,7 @@ class Server:
         bits = " [32-bit]" if req.is_32bit else ""
         trace_log.info(
             "trace: pid %d %s %s %s = %s%s <%.3f ms>%s",
-            req.header.pid,
+            req.pid,
             where,
             abi.ioctl_name(req.cmd),
             arg,

@@ -31,9 +31,35 @@ import errno
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from cuse_ksm import abi
 from cuse_ksm.engine import AddressSpace, Engine, Sma
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Call again with the caller's memory: the command reads ``copy_in`` bytes at its pointer, writes ``copy_out``.
+
+    The 2009 driver did its own copy_from_user()/copy_to_user().  Here the
+    transport must fetch the bytes first (CUSE's unrestricted-ioctl RETRY:
+    the first call carries none), so a command that touches the caller's
+    memory answers this until it has them.
+    """
+
+    copy_in: int = 0
+    copy_out: int = 0
+
+
+# What each command copies, by kind of file.  Commands absent copy nothing;
+# an unknown command on either kind of file copies nothing either.
+_DEVICE_MEMORY = {
+    abi.KSM_START_STOP_KTHREAD: Fetch(copy_in=abi.STRUCT_SIZE),
+    abi.KSM_GET_INFO_KTHREAD: Fetch(copy_out=abi.STRUCT_SIZE),
+}
+_SMA_MEMORY = {
+    abi.KSM_REGISTER_MEMORY_REGION: Fetch(copy_in=abi.STRUCT_SIZE),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +67,7 @@ class DeviceFile:
     """An open of /dev/ksm by a program."""
 
     fh: int
+    memory: ClassVar[dict[int, Fetch]] = _DEVICE_MEMORY
 
 
 @dataclass(frozen=True)
@@ -49,6 +76,7 @@ class SmaFile:
 
     fh: int
     sma: Sma
+    memory: ClassVar[dict[int, Fetch]] = _SMA_MEMORY
 
 
 OpenFile = DeviceFile | SmaFile
@@ -56,10 +84,20 @@ OpenFile = DeviceFile | SmaFile
 
 @dataclass(slots=True)
 class Done:
-    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out."""
+    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out.
+
+    A value, never changed once made, though not ``frozen``: a frozen
+    dataclass sets its fields through ``object.__setattr__``, twice as slow
+    to build, and one is built for most calls.
+    """
 
     result: int
     out: bytes = b""
+
+
+# The answers the busiest calls always give, built once rather than per call.
+_API_VERSION = Done(abi.KSM_API_VERSION)
+_SUCCESS = Done(0)
 
 
 @dataclass(frozen=True)
@@ -69,29 +107,11 @@ class HandOut:
     sma: Sma
 
 
-Outcome = Done | HandOut
+Outcome = Done | HandOut | Fetch
 
 # Positive results returned by the seed's code where a negative errno was meant.
 QUIRK_START_RUN_WITHOUT_PAGES = errno.EPERM  # +1
 QUIRK_SMA_UNKNOWN_COMMAND = errno.EINVAL  # +22
-
-
-@dataclass(frozen=True)
-class IoctlData:
-    """How many bytes a command copies in from, and out to, the caller's pointer."""
-
-    copy_in: int = 0
-    copy_out: int = 0
-
-
-_NO_DATA = IoctlData()
-_DEVICE_DATA = {
-    abi.KSM_START_STOP_KTHREAD: IoctlData(copy_in=abi.STRUCT_SIZE),
-    abi.KSM_GET_INFO_KTHREAD: IoctlData(copy_out=abi.STRUCT_SIZE),
-}
-_SMA_DATA = {
-    abi.KSM_REGISTER_MEMORY_REGION: IoctlData(copy_in=abi.STRUCT_SIZE),
-}
 
 
 class KsmDevice:
@@ -104,6 +124,9 @@ class KsmDevice:
         self._fhs = itertools.count(1)
         # tid -> SMA whose fd is being handed out to that thread right now.
         self._expected_opens: dict[int, Sma] = {}
+        # GET_INFO_KTHREAD's answer, and the engine's struct it was built from.
+        self._info_of: abi.KthreadInfo | None = None
+        self._info = _SUCCESS
 
     # -- opens and releases ---------------------------------------------------
 
@@ -138,47 +161,56 @@ class KsmDevice:
 
     # -- ioctls -----------------------------------------------------------------
 
-    def ioctl_data(self, fh: int, cmd: int) -> IoctlData:
-        """What the RETRY dance must fetch and provide for ``cmd`` on this file."""
-        file = self.files.get(fh)
-        table = _SMA_DATA if isinstance(file, SmaFile) else _DEVICE_DATA
-        return table.get(cmd, _NO_DATA)
+    def ioctl(self, fh: int, cmd: int, tid: int, data: bytes, out_size: int = 0, compat: bool = False) -> Outcome:
+        """Carry out ``cmd`` from thread ``tid``.
 
-    def ioctl(self, fh: int, cmd: int, tid: int, data: bytes, *, compat: bool = False) -> Outcome:
-        """Carry out ``cmd`` from thread ``tid``; ``data`` holds the bytes of :meth:`ioctl_data`."""
+        ``data`` holds the bytes copied in from the caller's pointer and
+        ``out_size`` how many may be copied out to it; a command that needs
+        more answers :class:`Fetch`.
+        """
         file = self.files.get(fh)
         if file is None:
             return Done(-errno.EBADF)
         if compat:
-            # No compat_ioctl in the 2009 driver: the kernel answered -ENOTTY.
+            # No compat_ioctl in the 2009 driver: the kernel answered -ENOTTY
+            # without calling it, so without touching the caller's memory.
             return Done(-errno.ENOTTY)
+        memory = file.memory.get(cmd)
+        if memory is not None and (len(data) < memory.copy_in or out_size < memory.copy_out):
+            return memory
         if isinstance(file, SmaFile):
             return self._sma_ioctl(file.sma, cmd, tid, data)
         return self._device_ioctl(cmd, data)
 
     def _device_ioctl(self, cmd: int, data: bytes) -> Outcome:
         if cmd == abi.KSM_GET_API_VERSION:
-            return Done(abi.KSM_API_VERSION)
+            return _API_VERSION
         if cmd == abi.KSM_CREATE_SHARED_MEMORY_AREA:
             return HandOut(self.engine.new_sma())
         if cmd == abi.KSM_START_STOP_KTHREAD:
-            info = abi.KthreadInfo.unpack(data)
+            info = abi.KthreadInfo.unpack(data[: abi.STRUCT_SIZE])
             if info.running and info.pages_to_scan == 0:
                 # The seed sets r = EPERM without the minus and changes nothing.
                 return Done(QUIRK_START_RUN_WITHOUT_PAGES)
             self.engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
-            return Done(0)
+            return _SUCCESS
         if cmd == abi.KSM_GET_INFO_KTHREAD:
             # The engine stores exactly the three fields the driver copies out
-            # (pad and reserved_bits 0), so its struct is the reply as it stands.
-            return Done(0, self.engine.kthread.pack())
+            # (pad and reserved_bits 0), so its struct is the reply as it
+            # stands.  It replaces the struct, never changes it, on every
+            # START_STOP_KTHREAD or control-file write: the answer built for
+            # one struct stays right for as long as the engine holds it.
+            kthread = self.engine.kthread
+            if kthread is not self._info_of:
+                self._info_of, self._info = kthread, Done(0, kthread.pack())
+            return self._info
         return Done(-errno.EINVAL)
 
     def _sma_ioctl(self, sma: Sma, cmd: int, tid: int, data: bytes) -> Outcome:
         if sma.id not in self.engine.smas:
             return Done(-errno.EBADF)  # an SMA whose hand-out failed
         if cmd == abi.KSM_REGISTER_MEMORY_REGION:
-            region = abi.MemoryRegion.unpack(data)
+            region = abi.MemoryRegion.unpack(data[: abi.STRUCT_SIZE])
             try:
                 space = self._open_space(tid)
             except ProcessLookupError:
@@ -193,8 +225,8 @@ class KsmDevice:
             except BaseException:
                 space.close()
                 raise
-            return Done(0)
+            return _SUCCESS
         if cmd == abi.KSM_REMOVE_MEMORY_REGION:
             self.engine.remove_regions(sma)
-            return Done(0)
+            return _SUCCESS
         return Done(QUIRK_SMA_UNKNOWN_COMMAND)

@@ -10,6 +10,11 @@ out as :class:`Unsupported`, which the caller answers with ENOSYS.  Malformed
 input (short header, length field that disagrees with the buffer, body too short
 for its opcode) raises :class:`ProtocolError` and never a bare ``struct.error``.
 
+Every request carries two fields of ``fuse_in_header``: ``unique``, which its
+reply must echo, and ``pid``, the calling thread.  The others are dropped: a
+character device has a single node, and the kernel checked the caller's
+access when it opened it.
+
 Requests are slotted dataclasses, treated as values but not ``frozen``: a
 frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``
 and made decoding four times slower, on the path every ioctl takes.
@@ -33,7 +38,7 @@ FUSE_IOCTL_RETRY = 1 << 2
 FUSE_IOCTL_32BIT = 1 << 3
 FUSE_IOCTL_DIR = 1 << 4
 FUSE_IOCTL_COMPAT_X32 = 1 << 5
-FUSE_IOCTL_MAX_IOV = 256
+_IOCTL_COMPAT = FUSE_IOCTL_32BIT | FUSE_IOCTL_COMPAT
 
 # The kernel refuses a read() of /dev/cuse shorter than this (FUSE_MIN_READ_BUFFER).
 MIN_READ_BUFFER = 8192
@@ -73,20 +78,9 @@ _IOCTL_REPLY = struct.Struct("<IiQiIII")  # OUT_HEADER + IOCTL_OUT, packed at on
 
 
 @dataclass(slots=True)
-class Header:
-    """The parts of ``fuse_in_header`` a request handler needs."""
-
-    opcode: int
-    unique: int
-    nodeid: int
-    uid: int
-    gid: int
-    pid: int  # kernel thread id (tid) of the caller
-
-
-@dataclass(slots=True)
 class CuseInit:
-    header: Header
+    unique: int  # the request's id: its reply carries it back
+    pid: int  # kernel thread id (tid) of the caller, 0 for the kernel's own requests
     major: int
     minor: int
     flags: int
@@ -94,20 +88,23 @@ class CuseInit:
 
 @dataclass(slots=True)
 class Open:
-    header: Header
+    unique: int
+    pid: int
     flags: int
 
 
 @dataclass(slots=True)
 class Release:
-    header: Header
+    unique: int
+    pid: int
     fh: int
     flags: int
 
 
 @dataclass(slots=True)
 class Flush:
-    header: Header
+    unique: int
+    pid: int
     fh: int
 
 
@@ -115,45 +112,50 @@ class Flush:
 class Interrupt:
     """The caller of request ``target`` got a signal.  Never answered."""
 
-    header: Header
+    unique: int
+    pid: int
     target: int
 
 
 @dataclass(slots=True)
 class Destroy:
-    header: Header
+    unique: int
+    pid: int
 
 
 @dataclass(slots=True)
 class Ioctl:
-    header: Header
+    unique: int
+    pid: int
     fh: int
-    flags: int
     cmd: int
     arg: int  # the caller's pointer argument, as an integer
-    in_size: int
-    out_size: int
-    in_data: bytes
-
-    @property
-    def is_32bit(self) -> bool:
-        """Issued by a 32-bit (compat) task: the 2009 driver had no compat_ioctl."""
-        return bool(self.flags & (FUSE_IOCTL_32BIT | FUSE_IOCTL_COMPAT))
+    out_size: int  # how many bytes the reply may copy out to it
+    in_data: bytes  # the bytes copied in from it (fuse_ioctl_in.in_size of them)
+    # Issued by a 32-bit (compat) task: the 2009 driver had no compat_ioctl.
+    # A field rather than a property: it is read for every ioctl.
+    is_32bit: bool
 
 
 @dataclass(slots=True)
 class Unsupported:
     """Any other opcode; answer ENOSYS."""
 
-    header: Header
+    unique: int
+    pid: int
+    opcode: int
 
 
 Request = CuseInit | Open | Release | Flush | Interrupt | Destroy | Ioctl | Unsupported
 
 
+def _too_short(data: bytes, layout: struct.Struct, opcode: int) -> ProtocolError:
+    return ProtocolError(f"opcode {opcode}: body of {len(data) - IN_HEADER.size} bytes, needs {layout.size}")
+
+
 def _body(data: bytes, layout: struct.Struct, opcode: int) -> tuple[int, ...]:
     if len(data) < IN_HEADER.size + layout.size:
-        raise ProtocolError(f"opcode {opcode}: body of {len(data) - IN_HEADER.size} bytes, needs {layout.size}")
+        raise _too_short(data, layout, opcode)
     return layout.unpack_from(data, IN_HEADER.size)
 
 
@@ -171,42 +173,51 @@ _IOCTL, _OPEN, _RELEASE, _FLUSH, _INTERRUPT, _CUSE_INIT, _DESTROY = (
         Opcode.DESTROY,
     )
 )
-_IOCTL_DATA = IN_HEADER.size + IOCTL_IN.size
+# The header and an ioctl's fixed part, decoded together in one call.
+_IOCTL_REQUEST = struct.Struct("<" + IN_HEADER.format[1:] + IOCTL_IN.format[1:])
+_IOCTL_DATA = _IOCTL_REQUEST.size
 
 
 def parse_request(data: bytes) -> Request:
     """Decode one request as read from ``/dev/cuse``."""
-    if len(data) < IN_HEADER.size:
-        raise ProtocolError(f"request of {len(data)} bytes is shorter than the {IN_HEADER.size}-byte header")
-    length, opcode, unique, nodeid, uid, gid, pid, _extlen, _pad = IN_HEADER.unpack_from(data)
-    if length != len(data):
-        raise ProtocolError(f"header says {length} bytes, buffer holds {len(data)}")
-    h = Header(opcode, unique, nodeid, uid, gid, pid)
-    # IOCTL first: it is nearly every request a running device sees.
+    size = len(data)
+    # IOCTL first, header and body in one unpack: it is nearly every request
+    # a running device sees.  Anything else, a malformed ioctl included, takes
+    # the general path below.
+    if size >= _IOCTL_DATA:
+        length, opcode, unique, _nodeid, _uid, _gid, pid, _extlen, _pad, fh, flags, cmd, arg, in_size, out_size = (
+            _IOCTL_REQUEST.unpack_from(data)
+        )
+        if opcode == _IOCTL and length == size:
+            if size - _IOCTL_DATA != in_size:
+                raise ProtocolError(f"ioctl announces {in_size} bytes of input, carries {size - _IOCTL_DATA}")
+            in_data = data[_IOCTL_DATA:]
+            return Ioctl(unique, pid, fh, cmd, arg, out_size, in_data, flags & _IOCTL_COMPAT != 0)
+    if size < IN_HEADER.size:
+        raise ProtocolError(f"request of {size} bytes is shorter than the {IN_HEADER.size}-byte header")
+    length, opcode, unique, _nodeid, _uid, _gid, pid, _extlen, _pad = IN_HEADER.unpack_from(data)
+    if length != size:
+        raise ProtocolError(f"header says {length} bytes, buffer holds {size}")
     if opcode == _IOCTL:
-        fh, flags, cmd, arg, in_size, out_size = _body(data, IOCTL_IN, opcode)
-        in_data = bytes(data[_IOCTL_DATA:])
-        if len(in_data) != in_size:
-            raise ProtocolError(f"ioctl announces {in_size} bytes of input, carries {len(in_data)}")
-        return Ioctl(h, fh, flags, cmd, arg, in_size, out_size, in_data)
+        raise _too_short(data, IOCTL_IN, opcode)  # a complete one was decoded above
     if opcode == _OPEN:
         flags, _open_flags = _body(data, OPEN_IN, opcode)
-        return Open(h, flags)
+        return Open(unique, pid, flags)
     if opcode == _RELEASE:
         fh, flags, _rflags, _owner = _body(data, RELEASE_IN, opcode)
-        return Release(h, fh, flags)
+        return Release(unique, pid, fh, flags)
     if opcode == _FLUSH:
         fh, _unused, _pad2, _owner = _body(data, FLUSH_IN, opcode)
-        return Flush(h, fh)
+        return Flush(unique, pid, fh)
     if opcode == _INTERRUPT:
         (target,) = _body(data, INTERRUPT_IN, opcode)
-        return Interrupt(h, target)
+        return Interrupt(unique, pid, target)
     if opcode == _CUSE_INIT:
         major, minor, _unused, flags = _body(data, CUSE_INIT_IN, opcode)
-        return CuseInit(h, major, minor, flags)
+        return CuseInit(unique, pid, major, minor, flags)
     if opcode == _DESTROY:
-        return Destroy(h)
-    return Unsupported(h)
+        return Destroy(unique, pid)
+    return Unsupported(unique, pid, opcode)
 
 
 def _reply(unique: int, error: int, payload: bytes = b"") -> bytes:
@@ -259,17 +270,21 @@ def reply_ioctl(unique: int, result: int, out_data: bytes = b"") -> bytes:
     return _IOCTL_REPLY.pack(_IOCTL_REPLY.size + len(out_data), 0, unique, result, 0, 0, 0) + out_data
 
 
-def reply_ioctl_retry(unique: int, in_iovs: list[tuple[int, int]], out_iovs: list[tuple[int, int]]) -> bytes:
-    """Ask the kernel to call again with the caller's memory: ``(address, length)`` lists.
+def reply_ioctl_retry(unique: int, arg: int, copy_in: int, copy_out: int) -> bytes:
+    """Ask the kernel to call again with the caller's memory at ``arg``: ``copy_in`` bytes in, ``copy_out`` out.
 
-    With unrestricted ioctls the first call carries no data; this names which
-    ranges of the caller to copy in for the retried call, and which to copy
-    the reply's data out to.
+    With unrestricted ioctls the first call carries no data; this names the
+    bytes at the caller's pointer to copy in for the retried call, and how
+    many the reply may copy out to it.  FUSE takes lists of ranges; every
+    /dev/ksm command passes one struct at its argument, so this asks for at
+    most one range each way.
     """
-    if len(in_iovs) + len(out_iovs) > FUSE_IOCTL_MAX_IOV:
-        raise ValueError("too many iovecs")
-    head = IOCTL_OUT.pack(0, FUSE_IOCTL_RETRY, len(in_iovs), len(out_iovs))
-    iovs = b"".join(IOCTL_IOVEC.pack(base, length) for base, length in [*in_iovs, *out_iovs])
+    iovs = b""
+    if copy_in:
+        iovs += IOCTL_IOVEC.pack(arg, copy_in)
+    if copy_out:
+        iovs += IOCTL_IOVEC.pack(arg, copy_out)
+    head = IOCTL_OUT.pack(0, FUSE_IOCTL_RETRY, 1 if copy_in else 0, 1 if copy_out else 0)
     return _reply(unique, 0, head + iovs)
 
 

@@ -42,7 +42,7 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
 
 def get_info(engine: Engine) -> abi.KthreadInfo:
     dev = KsmDevice(engine, FakeSpace)
-    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"")
+    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
     assert isinstance(out, Done)
     return abi.KthreadInfo.unpack(out.out)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from cuse_ksm import abi
-from cuse_ksm.device import Done, HandOut, KsmDevice, SmaFile
+from cuse_ksm.device import Done, Fetch, HandOut, KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
 
 
@@ -68,7 +68,7 @@ def test_api_version_is_1(dev):
 
 
 def test_initial_kthread_info_is_idle(dev):
-    out = dev.ioctl(device_fh(dev), abi.KSM_GET_INFO_KTHREAD, 1, b"")
+    out = dev.ioctl(device_fh(dev), abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
     assert out.result == 0
     assert abi.KthreadInfo.unpack(out.out) == abi.KthreadInfo(0, 0, 0)
 
@@ -77,7 +77,7 @@ def test_start_then_get_info_round_trip(dev):
     fh = device_fh(dev)
     info = abi.KthreadInfo(sleep=5000, pages_to_scan=256, flags=1, pad=0xFFFF, reserved_bits=99)
     assert dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack()) == Done(0)
-    got = abi.KthreadInfo.unpack(dev.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"").out)
+    got = abi.KthreadInfo.unpack(dev.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE).out)
     # pad and reserved_bits are not stored: the driver copies out only three fields.
     assert got == abi.KthreadInfo(sleep=5000, pages_to_scan=256, flags=1)
 
@@ -190,11 +190,19 @@ def test_unknown_file_handle_is_ebadf(dev):
     assert dev.ioctl(12345, abi.KSM_GET_API_VERSION, 1, b"") == Done(-errno.EBADF)
 
 
-def test_retry_data_table(dev):
+def test_commands_that_touch_the_callers_memory_fetch_it_first(dev):
     fh = device_fh(dev)
-    sma_fh, _ = new_sma_fh(dev)
-    assert dev.ioctl_data(fh, abi.KSM_START_STOP_KTHREAD).copy_in == 24
-    assert dev.ioctl_data(fh, abi.KSM_GET_INFO_KTHREAD).copy_out == 24  # _IOW, yet copied out
-    assert dev.ioctl_data(fh, abi.KSM_REGISTER_MEMORY_REGION).copy_in == 0  # unknown on the device
-    assert dev.ioctl_data(sma_fh, abi.KSM_REGISTER_MEMORY_REGION).copy_in == 24
-    assert dev.ioctl_data(sma_fh, abi.KSM_START_STOP_KTHREAD).copy_in == 0  # unknown on an SMA
+    sma_fh, sma = new_sma_fh(dev)
+    assert dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, b"") == Fetch(copy_in=24)
+    assert dev.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"") == Fetch(copy_out=24)  # _IOW, yet copied out
+    assert dev.ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION, 1, b"\0" * 23) == Fetch(copy_in=24)
+    # Unknown on that kind of file: nothing to fetch, the unknown-command answer at once.
+    assert dev.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, 1, b"") == Done(-errno.EINVAL)
+    assert dev.ioctl(sma_fh, abi.KSM_START_STOP_KTHREAD, 1, b"") == Done(22)
+    # Nothing is carried out before the bytes are there.
+    assert dev.engine.kthread == abi.KthreadInfo(0, 0, 0)
+    assert not sma.slots
+
+
+def test_32bit_callers_get_enotty_before_any_fetch(dev):
+    assert dev.ioctl(device_fh(dev), abi.KSM_GET_INFO_KTHREAD, 1, b"", compat=True) == Done(-errno.ENOTTY)

@@ -166,7 +166,7 @@ def test_codec_never_raises_anything_but_protocol_error(data):
         request = p.parse_request(data)
     except p.ProtocolError:
         return
-    assert request.header.unique == struct.unpack_from("<Q", data, 8)[0]
+    assert request.unique == struct.unpack_from("<Q", data, 8)[0]
 
 
 @FUZZ

@@ -15,9 +15,9 @@ def test_parse_ioctl_with_data():
     body = struct.pack("<QIIQII", 7, p.FUSE_IOCTL_UNRESTRICTED, 0x4018AB02, 0x7FFD0000, 24, 0) + b"x" * 24
     req = p.parse_request(header(40 + len(body), 39, 99) + body)
     assert isinstance(req, p.Ioctl)
-    assert (req.fh, req.cmd, req.arg, req.in_size, req.out_size) == (7, 0x4018AB02, 0x7FFD0000, 24, 0)
+    assert (req.fh, req.cmd, req.arg, len(req.in_data), req.out_size) == (7, 0x4018AB02, 0x7FFD0000, 24, 0)
     assert req.in_data == b"x" * 24
-    assert req.header.pid == 1234 and req.header.unique == 99
+    assert req.pid == 1234 and req.unique == 99
     assert not req.is_32bit
 
 
@@ -60,12 +60,18 @@ def test_reply_layouts():
     assert p.reply_open(7, 3) == struct.pack("<IiQ", 32, 0, 7) + struct.pack("<QII", 3, 0, 0)
     out = p.reply_ioctl(8, 22, b"abc")
     assert out == struct.pack("<IiQ", 35, 0, 8) + struct.pack("<iIII", 22, 0, 0, 0) + b"abc"
-    retry = p.reply_ioctl_retry(9, [(0x1000, 24)], [(0x2000, 24)])
+    retry = p.reply_ioctl_retry(9, 0x1000, 24, 16)
     assert retry == (
         struct.pack("<IiQ", 16 + 16 + 32, 0, 9)
         + struct.pack("<iIII", 0, p.FUSE_IOCTL_RETRY, 1, 1)
         + struct.pack("<QQ", 0x1000, 24)
-        + struct.pack("<QQ", 0x2000, 24)
+        + struct.pack("<QQ", 0x1000, 16)
+    )
+    # One way only: one range, and the other count 0.
+    assert p.reply_ioctl_retry(10, 0x3000, 0, 24) == (
+        struct.pack("<IiQ", 16 + 16 + 16, 0, 10)
+        + struct.pack("<iIII", 0, p.FUSE_IOCTL_RETRY, 0, 1)
+        + struct.pack("<QQ", 0x3000, 24)
     )
     with pytest.raises(ValueError):
         p.reply_error(1, -5)

@@ -103,7 +103,7 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
         async def poll_info() -> None:
             nonlocal answered
             while True:
-                out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"")
+                out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
                 assert out.result == 0
                 answered += 1
                 await trio.lowlevel.checkpoint()
