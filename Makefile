@@ -6,6 +6,7 @@
 #   make test-host lint + tests that need no CUSE
 #   make test-vm   only the VM part
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
+#   make bench-cuse the request path against a C libfuse3 CUSE server, in the VM (~4 min)
 #   make soak      64 processes hammer the daemon for a minute in the VM (~4 min)
 #   make examples  build the historic C programs (examples/*.c) into examples/bin
 PYTHON ?= python3
@@ -18,7 +19,7 @@ APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
 # shim may not cover yet on a fresh machine.
 export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
 
-.PHONY: setup apt pip test test-host test-vm demo lint c-tests selftests examples bench soak clean
+.PHONY: setup apt pip test test-host test-vm demo lint c-tests selftests examples bench bench-cuse soak clean
 
 setup: apt pip
 
@@ -69,6 +70,10 @@ demo: c-tests
 # printed is the 1 GiB ratio emulator/kernel.
 bench:
 	$(PYTHON) -m bench
+
+# Both CPU layouts, 10 s per cell; SECONDS_EACH, PROCS and LAYOUTS pass through.
+bench-cuse:
+	VM_PASS_ENV="SECONDS_EACH PROCS LAYOUTS" PYTHON=$$(command -v $(PYTHON)) tests/vm/run bench/cuse_c/compare.sh
 
 # The long load test (tests/integration/test_robust_soak.py), never part of
 # make test: 64 processes x 3 SMAs x 2 regions for 60 s with the scanner on.
