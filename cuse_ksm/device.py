@@ -82,14 +82,9 @@ class SmaFile:
 OpenFile = DeviceFile | SmaFile
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Done:
-    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out.
-
-    A value, never changed once made, though not ``frozen``: a frozen
-    dataclass sets its fields through ``object.__setattr__``, twice as slow
-    to build, and one is built for most calls.
-    """
+    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out."""
 
     result: int
     out: bytes = b""
@@ -197,9 +192,9 @@ class KsmDevice:
         if cmd == abi.KSM_GET_INFO_KTHREAD:
             # The engine stores exactly the three fields the driver copies out
             # (pad and reserved_bits 0), so its struct is the reply as it
-            # stands.  It replaces the struct, never changes it, on every
-            # START_STOP_KTHREAD or control-file write: the answer built for
-            # one struct stays right for as long as the engine holds it.
+            # stands.  The struct is frozen: the answer built from one stays
+            # right while the engine holds that object (8 % of a
+            # GET_INFO_KTHREAD's instructions, bench/instructions.sh).
             kthread = self.engine.kthread
             if kthread is not self._info_of:
                 self._info_of, self._info = kthread, Done(0, kthread.pack())
