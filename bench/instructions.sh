@@ -1,6 +1,7 @@
 #!/bin/bash
 # Instructions the daemon's request loop executes per ioctl, counted by
-# valgrind (callgrind): deterministic, unlike CPU time on a shared machine.
+# valgrind (callgrind): they repeat to within ~1 %, where CPU time on this
+# shared machine moves by 15 %.
 #
 #   bench/instructions.sh [api|info]...        (default: both)
 #

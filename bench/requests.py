@@ -17,7 +17,6 @@ import argparse
 import os
 import resource
 import socket
-import struct
 
 import trio
 
@@ -51,7 +50,7 @@ def measure(cmd: int, requests_per_ioctl: int, n: int) -> tuple[float, float]:
     fh = device.open(1).fh
     out_sizes = [0, abi.STRUCT_SIZE][:requests_per_ioctl]
     requests = [
-        p.build_request(p.Opcode.IOCTL, 2, struct.pack("<QIIQII", fh, p.FUSE_IOCTL_UNRESTRICTED, cmd, 0x1000, 0, size))
+        p.build_request(p.Opcode.IOCTL, 2, p.IOCTL_IN.pack(fh, p.FUSE_IOCTL_UNRESTRICTED, cmd, 0x1000, 0, size))
         for size in out_sizes
     ]
     child = os.fork()
