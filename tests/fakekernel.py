@@ -70,6 +70,14 @@ class FakeKernel:
         error, _ = await self.call(p.Opcode.RELEASE, struct.pack("<QIIQ", fh, 2, 0, 0), pid=pid)
         assert error == 0
 
+    def send_ioctl(
+        self, fh: int, cmd: int, arg: int, in_data: bytes = b"", out_size: int = 0, pid: int = 1000, flags: int = 0
+    ) -> int:
+        """Queue one FUSE_IOCTL request of an unrestricted ioctl; its unique."""
+        flags |= p.FUSE_IOCTL_UNRESTRICTED
+        body = p.IOCTL_IN.pack(fh, flags, cmd, arg, len(in_data), out_size) + in_data
+        return self.send(p.Opcode.IOCTL, body, pid=pid)
+
     async def ioctl(
         self, fh: int, cmd: int, arg: int = 0x7FFF0000, data: bytes | None = None, pid: int = 1000, flags: int = 0
     ) -> tuple[int, bytes]:
@@ -78,11 +86,9 @@ class FakeKernel:
         ``data`` is the caller's memory at ``arg`` (24 bytes, or None for a
         pointer the kernel could not read).  Returns (result, bytes copied out).
         """
-        flags |= p.FUSE_IOCTL_UNRESTRICTED
         in_data, out_size = b"", 0
         for _attempt in range(2):
-            body = struct.pack("<QIIQII", fh, flags, cmd, arg, len(in_data), out_size) + in_data
-            error, payload = await self.call(p.Opcode.IOCTL, body, pid=pid)
+            error, payload = await self.reply(self.send_ioctl(fh, cmd, arg, in_data, out_size, pid, flags))
             assert error == 0, f"ioctl reply carried error {error}"
             result, rflags, n_in, n_out = p.IOCTL_OUT.unpack_from(payload)
             if not rflags & p.FUSE_IOCTL_RETRY:

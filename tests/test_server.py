@@ -10,7 +10,7 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm import protocol as p
-from cuse_ksm.daemon import Server
+from cuse_ksm.daemon import READ_BURST, Server
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
@@ -68,6 +68,35 @@ async def test_quirks_through_the_wire(h):
     # A bad pointer never reaches us: the kernel fails the copy with EFAULT.
     assert (await h.kernel.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=None))[0] == -errno.EFAULT
     assert (await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION, flags=p.FUSE_IOCTL_32BIT))[0] == -errno.ENOTTY
+
+
+async def test_a_queue_of_ioctls_is_answered_whole_each_with_its_own_reply(h):
+    # Many callers at once: their requests pile up before the daemon reads
+    # one, and it answers them in batches (Server.serve).  Every caller must
+    # get its own answer, and the last ones - fewer than a batch, with nothing
+    # behind them - must not be held back waiting for more.
+    fh = await h.kernel.open()
+    info = abi.KthreadInfo(sleep=70, pages_to_scan=9, flags=1)
+    assert await h.kernel.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=info.pack()) == (0, b"")
+    arg = 0x7FFF0000
+    kinds = [
+        (lambda: h.kernel.send_ioctl(fh, abi.KSM_GET_API_VERSION, arg), (1, 0, b"")),
+        (lambda: h.kernel.send_ioctl(fh, 0xAB7F, arg), (-errno.EINVAL, 0, b"")),
+        # GET_INFO_KTHREAD's first call: the RETRY naming the caller's pointer.
+        (lambda: h.kernel.send_ioctl(fh, abi.KSM_GET_INFO_KTHREAD, arg), (0, p.FUSE_IOCTL_RETRY, b"")),
+        (
+            lambda: h.kernel.send_ioctl(fh, abi.KSM_GET_INFO_KTHREAD, arg, out_size=abi.STRUCT_SIZE),
+            (0, 0, info.pack()),
+        ),
+    ]
+    sent = [(send(), expected) for i in range(3 * READ_BURST + 5) for send, expected in [kinds[i % len(kinds)]]]
+    for unique, (result, flags, out) in sent:
+        error, payload = await h.kernel.reply(unique)
+        assert error == 0
+        got_result, got_flags, _n_in, _n_out = p.IOCTL_OUT.unpack_from(payload)
+        assert (got_result, got_flags & p.FUSE_IOCTL_RETRY) == (result, flags)
+        if not flags:
+            assert payload[p.IOCTL_OUT.size :] == out
 
 
 async def test_unsupported_opcodes_get_enosys_and_garbage_is_survived(h):
