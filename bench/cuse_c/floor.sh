@@ -1,8 +1,8 @@
 #!/bin/bash
 # Where the daemon's time goes under 64 clients of GET_API_VERSION: the C
 # server, the daemon, and bench/cuse_c/floor_server.py (the daemon with that
-# ioctl answered by a bare loop: the floor for any Python server), in both
-# CPU layouts of compare.sh.
+# ioctl answered by a bare loop, one reply per request read: the least a
+# Python server does per request), in both CPU layouts of compare.sh.
 #
 #   tests/vm/run bench/cuse_c/floor.sh          (from the repository root, host)
 #

@@ -6,9 +6,12 @@ A measuring instrument, not part of the daemon.  It runs the real daemon
 (CUSE_INIT, opens, every other request go through it as usual) but
 answers GET_API_VERSION on a device fd in a loop with no layers at all:
 one unpack of the request, one dict lookup, one pack and one write(), the
-least a Python server can do per request.  bench/cuse_c/floor.sh puts it
-next to the daemon and the C server: whatever limits it limits every
-Python implementation, however its request path is written.
+least a Python server can do per request.  It answers each request as it
+reads it, as the daemon did before it batched queued replies (see
+``Server.serve``).  bench/cuse_c/floor.sh puts it next to the daemon and
+the C server: pinned, the gap to the daemon is what the daemon's layers
+cost per request; sharing CPUs with the clients, it shows how much of the
+daemon's cost is the preemptions rather than its code.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ class FloorServer(daemon.Server):
                         continue
                 request = protocol.parse_request(data)
                 if isinstance(request, protocol.Ioctl) and self.initialized:
-                    self._ioctl(request, nursery)
+                    reply = self._ioctl(request, nursery)
+                    if reply is not None:
+                        self._send(reply)
                 else:
                     self._dispatch(request, nursery)
 
