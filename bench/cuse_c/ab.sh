@@ -44,40 +44,32 @@ fi
 # --- in the VM ----------------------------------------------------------------
 read -r -a labels <<<"$AB_LABELS"
 read -r -a dirs <<<"$AB_DIRS"
-modprobe cuse || { say "no cuse module"; exit 1; }
-make -s -C bench/cuse_c || exit 1
-bench/cuse_c/bin/ksm_cuse -f -s --name ksmc &
-pids=($!)
-names=(ksmc)
+source bench/cuse_c/servers.sh
+start_c_server ksmc
 for i in "${!dirs[@]}"; do
-    # Run from the version's directory: `python -m` puts the cwd first on sys.path.
-    (cd "$root/${dirs[$i]}" && exec "$PYTHON" -m cuse_ksm --name "ksmab$i" --no-stats-dir --log-level warning) &
-    pids+=($!)
-    names+=("ksmab$i")
+    start_daemon "ksmab$i" "$root/${dirs[$i]}"
 done
-trap 'kill -TERM ${pids[*]} 2>/dev/null; wait' EXIT
-for ((t = 0; t < 300; t++)); do
-    ok=1
-    for name in "${names[@]}"; do [[ -c /dev/$name ]] || ok=0; done
-    ((ok)) && break
-    sleep 0.1
-done
-((ok)) || { say "devices did not appear"; exit 1; }
+wait_for_servers
 say "kernel $(uname -r), $(nproc) CPUs, ${SECONDS_EACH:-5} s per run; versions: ${labels[*]}"
+all_cpus=0-$(($(nproc) - 1))
 
-run() { # mode procs device -> "ops_per_s errors p50 p99"
-    bench/cuse_c/bin/ksm_load -m "$1" -p "$2" -t "${SECONDS_EACH:-5}" "/dev/$3" | tail -1 |
-        sed -n 's/.* errors=\([0-9]*\) ops_per_s=\([0-9]*\) p50_us=\([0-9]*\).* p99_us=\([0-9]*\).*/\2 \1 \3 \4/p'
+run() { # mode procs name -> "ops_per_s p50 p99"; fails if a call failed
+    local line
+    line=$(load "$all_cpus" "$1" "$2" "${SECONDS_EACH:-5}" "$3")
+    local rc=$?
+    echo "$(field "$line" ops_per_s) $(field "$line" p50_us) $(field "$line" p99_us)"
+    return $rc
 }
 status=0
 for cell in ${CELLS:-api:1 api:64 info:1 info:64}; do
     mode=${cell%:*} procs=${cell#*:}
     for ((round = 1; round <= ${ROUNDS:-3}; round++)); do
-        read -r c c_err c50 c99 < <(run "$mode" "$procs" ksmc)
+        out=$(run "$mode" "$procs" ksmc) || status=1
+        read -r c c50 c99 <<<"$out"
         line=$(printf '%-4s x%-3s C %6s p50 %6s p99 %6s' "$mode" "$procs" "${c:-?}" "${c50:-?}" "${c99:-?}")
         for i in "${!dirs[@]}"; do
-            read -r x x_err x50 x99 < <(run "$mode" "$procs" "ksmab$i")
-            [[ ${x_err:-1} == 0 && ${c_err:-1} == 0 ]] || status=1
+            out=$(run "$mode" "$procs" "ksmab$i") || status=1
+            read -r x x50 x99 <<<"$out"
             ratio=$(awk -v a="${x:-0}" -v b="${c:-0}" 'BEGIN { printf "%.2f", b ? a / b : 0 }')
             line+=$(printf ' | %s %6s p50 %6s p99 %6s ratio %s' "${labels[$i]}" "${x:-?}" "${x50:-?}" "${x99:-?}" "$ratio")
         done

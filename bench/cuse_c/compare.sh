@@ -28,21 +28,12 @@ each=${SECONDS_EACH:-10}
 procs_list=${PROCS:-1 64}
 say() { printf 'compare.sh: %s\n' "$*"; }
 
-modprobe cuse || { say "no cuse module"; exit 1; }
-make -s -C bench/cuse_c || exit 1
-bench/cuse_c/bin/ksm_cuse -f -s --name ksmc &
-c_pid=$!
-"$PYTHON" -m cuse_ksm --name ksmpy --no-stats-dir --log-level warning &
-py_pid=$!
-trap 'kill -TERM $c_pid $py_pid 2>/dev/null; wait' EXIT
-for ((i = 0; i < 300; i++)); do
-    [[ -c /dev/ksmc && -c /dev/ksmpy ]] && break
-    sleep 0.1
-done
-[[ -c /dev/ksmc && -c /dev/ksmpy ]] || { say "devices did not appear"; exit 1; }
+source bench/cuse_c/servers.sh
+start_c_server ksmc
+start_daemon ksmpy
+wait_for_servers
 say "kernel $(uname -r), $(nproc) CPUs, $each s per run"
 last_cpu=$(($(nproc) - 1))
-declare -A pids=([ksmc]=$c_pid [ksmpy]=$py_pid)
 
 # Server CPU time (ns, from schedstat: precise, not tick-sampled).
 cpu_ns() { awk '{ print $1 }' "/proc/$1/schedstat"; }
@@ -61,24 +52,21 @@ for layout in ${LAYOUTS:-shared pinned}; do
     *) say "unknown layout '$layout'"; exit 2 ;;
     esac
     for server in ksmc ksmpy; do
-        taskset -a -p -c "$server_cpus" "${pids[$server]}" >/dev/null || exit 1
+        taskset -a -p -c "$server_cpus" "${server_pid[$server]}" >/dev/null || exit 1
     done
     declare -A rate p50 p99 cpu
     for mode in api info; do
         for procs in $procs_list; do
             for server in ksmc ksmpy; do
-                before=$(cpu_ns "${pids[$server]}")
-                line=$(taskset -c "$client_cpus" bench/cuse_c/bin/ksm_load -m "$mode" -p "$procs" -t "$each" \
-                    "/dev/$server" | tail -1)
-                rc=$?
-                after=$(cpu_ns "${pids[$server]}")
+                before=$(cpu_ns "${server_pid[$server]}")
+                line=$(load "$client_cpus" "$mode" "$procs" "$each" "$server") || status=1
+                after=$(cpu_ns "${server_pid[$server]}")
                 echo "$layout $server: $line"
-                ((rc == 0)) || status=1
                 key=$mode.$procs.$server
-                rate[$key]=$(sed -n 's/.* ops_per_s=\([0-9]*\).*/\1/p' <<<"$line")
-                p50[$key]=$(sed -n 's/.* p50_us=\([0-9]*\).*/\1/p' <<<"$line")
-                p99[$key]=$(sed -n 's/.* p99_us=\([0-9]*\).*/\1/p' <<<"$line")
-                ops=$(sed -n 's/.* ops=\([0-9]*\).*/\1/p' <<<"$line")
+                rate[$key]=$(field "$line" ops_per_s)
+                p50[$key]=$(field "$line" p50_us)
+                p99[$key]=$(field "$line" p99_us)
+                ops=$(field "$line" ops)
                 cpu[$key]=$(awk -v ns=$((after - before)) -v n="${ops:-0}" 'BEGIN { printf "%.0f", n ? ns / 1e3 / n : 0 }')
             done
         done
