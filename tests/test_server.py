@@ -89,7 +89,10 @@ async def test_a_queue_of_ioctls_is_answered_whole_each_with_its_own_reply(h):
             (0, 0, info.pack()),
         ),
     ]
-    sent = [(send(), expected) for i in range(3 * READ_BURST + 5) for send, expected in [kinds[i % len(kinds)]]]
+    sent = []
+    for i in range(3 * READ_BURST + 5):
+        send, expected = kinds[i % len(kinds)]
+        sent.append((send(), expected))
     for unique, (result, flags, out) in sent:
         error, payload = await h.kernel.reply(unique)
         assert error == 0
