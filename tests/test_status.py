@@ -100,6 +100,43 @@ def test_errors_are_one_clear_line(tmp_path):
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+# ``python -m cuse_ksm ARGS`` in a process where ``import pyfuse3`` fails, as
+# it does on a machine without pyfuse3 (a None in sys.modules halts the import).
+WITHOUT_PYFUSE3 = (
+    "import runpy, sys; sys.modules['pyfuse3'] = None; "
+    "runpy.run_module('cuse_ksm', run_name='__main__', alter_sys=True)"
+)
+
+
+def without_pyfuse3(*argv: str) -> subprocess.CompletedProcess[str]:
+    argv = (sys.executable, "-c", WITHOUT_PYFUSE3, *argv)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_status_and_help_run_without_pyfuse3(tmp_path):
+    # The wrapper does take pyfuse3 away: the FUSE adapter cannot be imported.
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['pyfuse3'] = None; import cuse_ksm.controlfs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert blocked.returncode == 1 and "ModuleNotFoundError: import of pyfuse3 halted" in blocked.stderr
+    directory = str(fake_dir(tmp_path))
+    result = without_pyfuse3("status", "--dir", directory)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == status.render(status.read_snapshot(directory))
+    result = without_pyfuse3("--help")
+    assert result.returncode == 0 and "--stats-dir DIR" in result.stdout and "{status}" in result.stdout, result.stderr
+    result = without_pyfuse3("status", "--help")
+    assert result.returncode == 0 and "--watch [SECONDS]" in result.stdout, result.stderr
+    # A status error is still the one clear line, not an ImportError.
+    result = without_pyfuse3("status", "--dir", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no control files at" in result.stderr
+
+
 @needs_fuse
 async def test_status_of_a_live_mount(nursery):
     engine = Engine()
