@@ -32,7 +32,7 @@ from tests.test_controltree import BAD_WRITES, READ_ONLY, get_info, kthread_ioct
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_trees_root_is_fuses():
+def test_the_trees_root_is_fuses() -> None:
     assert controltree.ROOT_INODE == pyfuse3.ROOT_INODE
 
 
@@ -106,7 +106,7 @@ async def wait_for(path: str, want: str, seconds: float = 10) -> None:
 
 
 @pytest.fixture
-async def mounted(nursery) -> AsyncIterator[tuple[Engine, str]]:
+async def mounted(nursery: trio.Nursery) -> AsyncIterator[tuple[Engine, str]]:
     engine = Engine()
     space = FakeSpace(4242)
     space.map(0x10000, [page(7)] * 16 + [unique_page(1)])
@@ -119,7 +119,7 @@ async def mounted(nursery) -> AsyncIterator[tuple[Engine, str]]:
 
 
 @needs_fuse
-async def test_mount_shows_a_running_engines_counters(mounted):
+async def test_mount_shows_a_running_engines_counters(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     assert sorted(await trio.to_thread.run_sync(os.listdir, path)) == sorted(
         [v.name for v in controltree.VALUES] + ["processes"]
@@ -145,7 +145,7 @@ async def test_mount_shows_a_running_engines_counters(mounted):
 
 
 @needs_fuse
-async def test_ioctl_changes_show_in_the_files(mounted):
+async def test_ioctl_changes_show_in_the_files(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     kthread_ioctl(engine, abi.KthreadInfo(sleep=20000, pages_to_scan=3, flags=1))
     assert [await read(f"{path}/{n}") for n in ("run", "sleep", "sleep_millisecs", "pages_to_scan")] == [
@@ -157,7 +157,7 @@ async def test_ioctl_changes_show_in_the_files(mounted):
 
 
 @needs_fuse
-async def test_bad_writes_fail_with_einval_through_the_mount(mounted):
+async def test_bad_writes_fail_with_einval_through_the_mount(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     assert await write(f"{path}/sleep", b"123\n") == 0
     before = (engine.kthread, engine.max_kernel_pages)
@@ -171,7 +171,7 @@ async def test_bad_writes_fail_with_einval_through_the_mount(mounted):
 
 
 @needs_fuse
-async def test_any_user_reads_only_root_writes(mounted):
+async def test_any_user_reads_only_root_writes(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     result = await run("cat", f"{path}/pages_to_scan", f"{path}/processes/4242/regions", user=65534)
     assert result.returncode == 0, result.stderr
@@ -189,7 +189,7 @@ async def test_any_user_reads_only_root_writes(mounted):
 
 
 @needs_fuse
-async def test_mount_is_gone_after_cancel_and_after_a_crash():
+async def test_mount_is_gone_after_cancel_and_after_a_crash() -> None:
     engine = Engine()
     with mount_dir() as path:
         async with trio.open_nursery() as nursery:
@@ -213,7 +213,7 @@ async def test_mount_is_gone_after_cancel_and_after_a_crash():
 
 
 @needs_fuse
-async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_waiting_read(monkeypatch):
+async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_read(monkeypatch: pytest.MonkeyPatch) -> None:
     def bug(self: ControlTree, inode: int) -> bytes:
         raise ZeroDivisionError("a bug in the tree")
 
@@ -241,7 +241,7 @@ async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_waiting_read
         assert len(got) == 1 and got[0].errno in (errno.ECONNABORTED, errno.ENOTCONN), got
 
 
-async def test_a_refused_mount_is_raised_by_start_and_the_nursery_goes_on(tmp_path):
+async def test_a_refused_mount_is_raised_by_start_and_the_nursery_goes_on(tmp_path: Path) -> None:
     """The daemon catches MountError around ``nursery.start`` and serves the device without control files."""
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
@@ -280,7 +280,7 @@ def start_server_process(path: str) -> subprocess.Popen[str]:
 
 
 @needs_fuse
-async def test_a_crashed_daemons_stale_mount_is_cleared(caplog):
+async def test_a_crashed_daemons_stale_mount_is_cleared(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cuse_ksm")
     with mount_dir() as path:
         proc = await trio.to_thread.run_sync(start_server_process, path)
@@ -299,7 +299,7 @@ async def test_a_crashed_daemons_stale_mount_is_cleared(caplog):
 
 
 @needs_fuse
-async def test_a_live_mount_is_not_mounted_over():
+async def test_a_live_mount_is_not_mounted_over() -> None:
     with mount_dir() as path:
         proc = await trio.to_thread.run_sync(start_server_process, path)
         try:
@@ -311,7 +311,7 @@ async def test_a_live_mount_is_not_mounted_over():
         assert not is_mounted(path)
 
 
-def test_missing_mount_directories_are_created_0755(tmp_path):
+def test_missing_mount_directories_are_created_0755(tmp_path: Path) -> None:
     target = tmp_path / "run" / "cuse-ksm" / "ksm"
     old = os.umask(0o077)
     try:

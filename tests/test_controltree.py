@@ -39,7 +39,7 @@ def get_info(engine: Engine) -> abi.KthreadInfo:
     return abi.KthreadInfo.unpack(out.out)
 
 
-def test_the_files_and_which_of_them_are_writable():
+def test_the_files_and_which_of_them_are_writable() -> None:
     assert [v.name for v in controltree.VALUES if v.writable] == [
         "run",
         "sleep",
@@ -60,13 +60,13 @@ def test_the_files_and_which_of_them_are_writable():
     )
 
 
-def test_initial_values_are_one_number_and_a_newline():
+def test_initial_values_are_one_number_and_a_newline() -> None:
     e = Engine()
     for v in controltree.VALUES:
         assert read_value(e, v.name) == b"0\n", v.name
 
 
-def test_writes_act_on_the_state_the_ioctls_see():
+def test_writes_act_on_the_state_the_ioctls_see() -> None:
     e = Engine()
     write_value(e, "pages_to_scan", b"100\n")
     write_value(e, "sleep", b"250\n")
@@ -88,7 +88,7 @@ def test_writes_act_on_the_state_the_ioctls_see():
     assert e.max_kernel_pages == 4096 and read_value(e, "max_kernel_pages") == b"4096\n"
 
 
-def test_run_keeps_the_other_flag_bits():
+def test_run_keeps_the_other_flag_bits() -> None:
     e = Engine()
     kthread_ioctl(e, abi.KthreadInfo(sleep=1, pages_to_scan=1, flags=0b110))
     assert read_value(e, "run") == b"0\n"
@@ -98,7 +98,7 @@ def test_run_keeps_the_other_flag_bits():
     assert e.kthread.flags == 0b110
 
 
-def test_run_with_no_pages_to_scan_is_stored_unlike_the_ioctl_quirk():
+def test_run_with_no_pages_to_scan_is_stored_unlike_the_ioctl_quirk() -> None:
     e = Engine()
     # The 2009 ioctl: +1 and nothing changes.
     assert kthread_ioctl(e, abi.KthreadInfo(sleep=5, pages_to_scan=0, flags=1)) == Done(1)
@@ -129,7 +129,7 @@ BAD_WRITES = [
 
 
 @pytest.mark.parametrize(("name", "data"), BAD_WRITES)
-def test_bad_writes_are_einval_and_change_nothing(name, data):
+def test_bad_writes_are_einval_and_change_nothing(name: str, data: bytes) -> None:
     e = Engine()
     kthread_ioctl(e, abi.KthreadInfo(sleep=300, pages_to_scan=32, flags=1))
     e.max_kernel_pages = 9
@@ -140,7 +140,7 @@ def test_bad_writes_are_einval_and_change_nothing(name, data):
     assert (e.kthread, e.max_kernel_pages) == before
 
 
-def test_largest_values_fit():
+def test_largest_values_fit() -> None:
     e = Engine()
     write_value(e, "sleep_millisecs", b"4294967\n")
     assert e.kthread.sleep == 4294967000
@@ -152,18 +152,25 @@ def test_largest_values_fit():
 
 
 @pytest.mark.parametrize("name", READ_ONLY)
-def test_counters_are_read_only(name):
+def test_counters_are_read_only(name: str) -> None:
     with pytest.raises(OSError) as exc:
         write_value(Engine(), name, b"1\n")
     assert exc.value.errno == errno.EACCES
 
 
 @given(st.integers(min_value=0, max_value=abi.U32_MAX), st.sampled_from(["sleep", "pages_to_scan"]))
-def test_any_u32_round_trips(value, name):
+def test_any_u32_round_trips(value: int, name: str) -> None:
     e = Engine()
     write_value(e, name, b"%d\n" % value)
     assert read_value(e, name) == b"%d\n" % value
     assert getattr(get_info(e), name) == value
+
+
+def at(tree: ControlTree, path: str) -> int:
+    """The inode at ``path``, which must exist."""
+    inode = tree.path(path)
+    assert inode is not None, path
+    return inode
 
 
 def engine_with_duplicates(n: int = 8, tgids: tuple[int, ...] = (4242,)) -> Engine:
@@ -177,7 +184,7 @@ def engine_with_duplicates(n: int = 8, tgids: tuple[int, ...] = (4242,)) -> Engi
     return e
 
 
-def test_counters_are_the_engines():
+def test_counters_are_the_engines() -> None:
     e = engine_with_duplicates(8, (100, 200))
     c = e.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, 15)
@@ -185,18 +192,20 @@ def test_counters_are_the_engines():
         assert read_value(e, name) == b"%d\n" % getattr(c, name), name
 
 
-def test_tree_lists_values_and_a_directory_per_process():
+def test_tree_lists_values_and_a_directory_per_process() -> None:
     e = engine_with_duplicates(8, (300, 100))
     tree = ControlTree(e)
     assert [name for name, _ in tree.entries(ROOT_INODE)] == [v.name for v in controltree.VALUES] + ["processes"]
     assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100", "300"]
     proc = tree.path("processes/100")
-    assert proc is not None and tree.node(proc).is_dir
+    assert proc is not None
+    node = tree.node(proc)
+    assert node is not None and node.is_dir
     assert [name for name, _ in tree.entries(proc)] == ["ksm_merging_pages", "regions"]
-    assert tree.read(tree.path("processes/100/ksm_merging_pages")) == b"8\n"
+    assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
     sma = e.slots[1].sma.id
-    assert tree.read(tree.path("processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
-    assert tree.read(tree.path("pages_sharing")) == b"15\n"
+    assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
+    assert tree.read(at(tree, "pages_sharing")) == b"15\n"
     assert tree.path("processes/999") is None and tree.path("nothing") is None
     # REMOVE: the directory goes with the process's last region.
     e.remove_regions(e.slots[0].sma)
@@ -204,17 +213,17 @@ def test_tree_lists_values_and_a_directory_per_process():
     assert tree.node(ControlTree.process_inode(300)) is None
 
 
-def test_tree_writes_only_the_knobs():
+def test_tree_writes_only_the_knobs() -> None:
     e = Engine()
     tree = ControlTree(e)
-    tree.write(tree.path("pages_to_scan"), b"5\n")
+    tree.write(at(tree, "pages_to_scan"), b"5\n")
     assert e.kthread.pages_to_scan == 5
     with pytest.raises(OSError) as exc:
-        tree.write(tree.path("pages_shared"), b"5\n")
+        tree.write(at(tree, "pages_shared"), b"5\n")
     assert exc.value.errno == errno.EACCES
 
 
-def test_a_process_with_several_regions():
+def test_a_process_with_several_regions() -> None:
     """Its directory lists every region in registration order; ksm_merging_pages is the engine's per-process figure."""
     e = Engine()
     space = FakeSpace(500)
@@ -226,21 +235,21 @@ def test_a_process_with_several_regions():
     full_scans(e, 3)
     tree = ControlTree(e)
     assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["500"]
-    assert tree.read(tree.path("processes/500/ksm_merging_pages")) == b"7\n"
+    assert tree.read(at(tree, "processes/500/ksm_merging_pages")) == b"7\n"
     assert e.merged_pages_by_tgid() == {500: 7}
-    assert tree.read(tree.path("processes/500/regions")) == (
+    assert tree.read(at(tree, "processes/500/regions")) == (
         f"sma addr npages merged\n{first.id} 0x40000 4 3\n{second.id} 0x10000 4 4\n".encode()
     )
     # A process file is no directory, and a directory has no contents.
     with pytest.raises(OSError) as exc:
-        tree.entries(tree.path("processes/500/regions"))
+        tree.entries(at(tree, "processes/500/regions"))
     assert exc.value.errno == errno.ENOTDIR
     with pytest.raises(OSError) as exc:
-        tree.read(tree.path("processes/500"))
+        tree.read(at(tree, "processes/500"))
     assert exc.value.errno == errno.EISDIR
 
 
-def test_the_tree_and_status_import_neither_pyfuse3_nor_trio():
+def test_the_tree_and_status_import_neither_pyfuse3_nor_trio() -> None:
     """``cuse-ksm status`` reads these files where pyfuse3 may not be installed."""
     code = "import sys, cuse_ksm.controltree, cuse_ksm.status; print(sorted({'pyfuse3', 'trio'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)

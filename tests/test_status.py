@@ -42,7 +42,7 @@ def fake_dir(tmp_path: Path, values: dict[str, int] = VALUES) -> Path:
     return tmp_path
 
 
-def test_report_shows_counters_savings_and_processes(tmp_path):
+def test_report_shows_counters_savings_and_processes(tmp_path: Path) -> None:
     text = status.render(status.read_snapshot(str(fake_dir(tmp_path))))
     lines = text.splitlines()
     assert lines[0] == f"cuse-ksm status of {tmp_path}"
@@ -57,7 +57,7 @@ def test_report_shows_counters_savings_and_processes(tmp_path):
     assert lines[-1].split() == ["1234", "2", "520", "512", "2.00"]
 
 
-def test_scanner_states(tmp_path):
+def test_scanner_states(tmp_path: Path) -> None:
     stopped = status.render(status.read_snapshot(str(fake_dir(tmp_path, {**VALUES, "run": 0}))))
     assert "scanner: stopped" in stopped
     idle = {**VALUES, "pages_to_scan": 0, "max_kernel_pages": 64}
@@ -65,7 +65,7 @@ def test_scanner_states(tmp_path):
     assert "set to run, but idle: pages_to_scan is 0" in text and "max_kernel_pages 64" in text
 
 
-def test_rates_per_second_between_two_frames():
+def test_rates_per_second_between_two_frames() -> None:
     before = status.Snapshot("/d", 10.0, dict(VALUES))
     after = status.Snapshot("/d", 12.0, {**VALUES, "pages_scanned": 2048 + 1000, "full_scans": 6})
     lines = status.render(after, before).splitlines()
@@ -76,7 +76,7 @@ def test_rates_per_second_between_two_frames():
     assert rows["pages_sharing"][-1] == "0.0"
 
 
-def test_watch_redraws_with_rates(tmp_path):
+def test_watch_redraws_with_rates(tmp_path: Path) -> None:
     args = argparse.Namespace(dir=str(fake_dir(tmp_path)), watch=0.05, count=3)
     frames: list[str] = []
     assert status.run(args, out=frames.append) == 0
@@ -84,7 +84,7 @@ def test_watch_redraws_with_rates(tmp_path):
     assert "/s" not in frames[0] and "/s" in frames[1] and "/s" in frames[2]
 
 
-def test_errors_are_one_clear_line(tmp_path):
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     for directory, message in [
         (tmp_path / "missing", "no control files at"),
         (tmp_path, "not a cuse-ksm control directory"),
@@ -113,7 +113,7 @@ def without_pyfuse3(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_status_and_help_run_without_pyfuse3(tmp_path):
+def test_status_and_help_run_without_pyfuse3(tmp_path: Path) -> None:
     # The wrapper does take pyfuse3 away: the FUSE adapter cannot be imported.
     blocked = subprocess.run(
         [sys.executable, "-c", "import sys; sys.modules['pyfuse3'] = None; import cuse_ksm.controlfs"],
@@ -138,7 +138,7 @@ def test_status_and_help_run_without_pyfuse3(tmp_path):
 
 
 @needs_fuse
-async def test_status_of_a_live_mount(nursery):
+async def test_status_of_a_live_mount(nursery: trio.Nursery) -> None:
     engine = Engine()
     space = FakeSpace(777)
     space.map(0x20000, [page(3)] * 64)
