@@ -15,7 +15,7 @@ import sys
 
 import trio
 
-from cuse_ksm import __version__, controlfs, status
+from cuse_ksm import __version__, controltree, status
 from cuse_ksm.daemon import NoCuseError, NodeAccess, Server, open_cuse_channel
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--stats-dir",
         metavar="DIR",
-        help=f"where to mount the control files (default: {controlfs.DEFAULT_ROOT}/NAME, NAME from --name)",
+        help=f"where to mount the control files (default: {controltree.DEFAULT_ROOT}/NAME, NAME from --name)",
     )
     where.add_argument(
         "--no-stats-dir",
@@ -111,7 +111,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
         engine = Engine()
         device = KsmDevice(engine, ProcessMemory.open)
         server = Server(channel, device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
-        stats_dir = controlfs.default_dir(args.name) if args.stats_dir is None else args.stats_dir
+        stats_dir = controltree.default_dir(args.name) if args.stats_dir is None else args.stats_dir
         async with trio.open_nursery() as nursery:
 
             async def stop_on_signal() -> None:
@@ -128,6 +128,9 @@ async def run_daemon(args: argparse.Namespace) -> None:
             nursery.start_soon(stop_on_signal)
             await nursery.start(engine.run)
             if stats_dir:
+                # Imported here: pyfuse3 (libfuse3) is needed only by a daemon that mounts.
+                from cuse_ksm import controlfs
+
                 try:
                     await nursery.start(controlfs.serve, engine, stats_dir)
                 except controlfs.MountError as e:

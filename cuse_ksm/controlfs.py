@@ -1,40 +1,24 @@
-"""The control filesystem: the engine's counters and knobs as files, like /sys/kernel/mm/ksm.
+"""The control files mounted: a pyfuse3 adapter over the control tree, and the mount's lifetime.
 
-The 2009 driver had no sysfs directory (its reviewers asked for one; the v4
-patch and later kernels added it), so a 2009 program can only steer the
-scanner through START_STOP_KTHREAD.  An administrator wants what later
-kernels give: ``cat pages_sharing``, ``echo 100 > pages_to_scan``.  The
-daemon mounts this filesystem (pyfuse3, FUSE) at ``/run/cuse-ksm/<device
+The daemon mounts the control tree (pyfuse3, FUSE) at ``/run/cuse-ksm/<device
 name>`` and serves it from the same trio loop as the device, so a file read
-sees exactly the state the ioctls see and change, with no locking.
+sees exactly the state the ioctls see and change, with no locking.  What the
+files are, what a read returns and what a write does is decided in
+:mod:`cuse_ksm.controltree`; this module only translates:
 
-Three layers, each usable without the next:
+* :class:`ControlOperations`: pyfuse3 requests answered from the tree, its
+  OSErrors turned into FUSE errors, plus what a tree knows nothing of
+  (attributes, open files, snapshots for reads at an offset).
+* :func:`serve`: the mount's lifetime.  A crashed daemon's stale mount is
+  cleared first (:func:`prepare_mountpoint`); the mount goes away when the
+  task ends, however it ends.
 
-* :data:`VALUES`, the table: each file name with its getter and, for the
-  read-write ones, its setter over an :class:`~cuse_ksm.engine.Engine`.
-  :func:`read_value` and :func:`write_value` add the text format (one
-  number and a newline) and the refusal of bad writes (EINVAL, nothing
-  changed).
-* :class:`ControlTree`: the directory tree (the values, plus ``processes/``
-  with a directory per registered process) as inode numbers, names, modes and
-  contents.  Pure, unit-testable.
-* :class:`ControlOperations` and :func:`serve`: the pyfuse3 adapter and the
-  mount's lifetime (stale mounts of a crashed daemon are cleared first; the
-  mount goes away when the task ends, however it ends).
-
-Writes act on the engine exactly as START_STOP_KTHREAD does: the new
-parameters are built as an :class:`~cuse_ksm.abi.KthreadInfo` (which refuses
-values that do not fit its ``__u32`` fields) and stored with
-:meth:`Engine.set_kthread`, which wakes the scanner.  One deliberate
-difference from the ioctl: writing 1 to ``run`` while ``pages_to_scan`` is 0
-is accepted and stored (later kernels do the same), whereas the 2009 ioctl
-returns +1 and changes nothing; the scanner stays idle either way, since it
-only scans while the run flag is set *and* pages_to_scan is not 0.
+Only the daemon imports this module (pyfuse3 needs libfuse3); ``cuse-ksm
+status`` and the command line's parser need only the tree.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import itertools
 import logging
@@ -42,7 +26,6 @@ import os
 import stat
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,289 +33,10 @@ import pyfuse3
 import trio
 
 from cuse_ksm import abi
-from cuse_ksm.engine import Engine, Slot
+from cuse_ksm.controltree import ControlTree, Node
+from cuse_ksm.engine import Engine
 
-log = logging.getLogger("cuse_ksm")
-
-DEFAULT_ROOT = "/run/cuse-ksm"
-
-# Longest write we parse: a 20-digit u64 plus a newline fits with room to spare.
-MAX_WRITE = 64
-
-
-def default_dir(devname: str) -> str:
-    """Where the daemon serving /dev/NAME mounts its control files: /run/cuse-ksm/NAME.
-
-    One directory per device name, so that a second daemon (another
-    ``--name``) does not collide with the first.
-    """
-    return os.path.join(DEFAULT_ROOT, devname)
-
-
-# -- the table of values ------------------------------------------------------------
-
-
-def parse_number(data: bytes) -> int:
-    """The number in a write: decimal ASCII digits, surrounding whitespace (``echo``'s newline) ignored.
-
-    Anything else (a sign, hex, a second word, an empty write) is a
-    ValueError, which the filesystem turns into EINVAL.
-    """
-    text = data.strip()
-    if not text or not text.isdigit():  # bytes.isdigit is ASCII-only: no '+', '-', '٣'
-        raise ValueError(f"{data[:MAX_WRITE]!r} is not a decimal number")
-    return int(text)
-
-
-def _store_kthread(engine: Engine, **changes: int) -> None:
-    """Change some kthread parameters, keeping the others: the ioctl's own path.
-
-    ``dataclasses.replace`` builds a new KthreadInfo, whose range check runs
-    before anything is stored; then :meth:`Engine.set_kthread` stores it and
-    wakes the scanner, as KSM_START_STOP_KTHREAD does.
-    """
-    info = dataclasses.replace(engine.kthread, **changes)
-    engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
-
-
-def _set_run(engine: Engine, value: int) -> None:
-    # Later kernels also take 2 (unmerge everything); the 2009 driver has no
-    # such operation, so 2 is refused like any other value.
-    if value not in (0, 1):
-        raise ValueError(f"run must be 0 or 1, not {value} (2, unmerge, is not part of the 2009 driver)")
-    flags = engine.kthread.flags & ~abi.KSM_CONTROL_FLAGS_RUN
-    _store_kthread(engine, flags=flags | (abi.KSM_CONTROL_FLAGS_RUN if value else 0))
-
-
-def _set_sleep_millisecs(engine: Engine, value: int) -> None:
-    if value * 1000 > abi.U32_MAX:
-        raise ValueError(f"sleep_millisecs {value} is too large: sleep is a __u32 number of microseconds")
-    _store_kthread(engine, sleep=value * 1000)
-
-
-def _set_max_kernel_pages(engine: Engine, value: int) -> None:
-    if value > abi.U64_MAX:  # the v4 patch's unsigned long
-        raise ValueError(f"max_kernel_pages {value} does not fit in an unsigned long")
-    engine.max_kernel_pages = value
-
-
-@dataclass(frozen=True)
-class Value:
-    """One file of the control directory: a number read from (and maybe written to) the engine."""
-
-    name: str
-    get: Callable[[Engine], int]
-    set: Callable[[Engine, int], None] | None
-    doc: str
-
-    @property
-    def writable(self) -> bool:
-        return self.set is not None
-
-
-VALUES: tuple[Value, ...] = (
-    Value(
-        "run",
-        lambda e: e.kthread.flags & abi.KSM_CONTROL_FLAGS_RUN,
-        _set_run,
-        "1 while the run flag is set, 0 when stopped (flags bit 0 of GET_INFO_KTHREAD)",
-    ),
-    Value(
-        "sleep",
-        lambda e: e.kthread.sleep,
-        lambda e, v: _store_kthread(e, sleep=v),
-        "microseconds between two rounds (the 2009 struct's unit)",
-    ),
-    Value(
-        "sleep_millisecs",
-        lambda e: e.kthread.sleep // 1000,
-        _set_sleep_millisecs,
-        "the same pause in milliseconds, as later kernels show it (rounded down)",
-    ),
-    Value(
-        "pages_to_scan",
-        lambda e: e.kthread.pages_to_scan,
-        lambda e, v: _store_kthread(e, pages_to_scan=v),
-        "pages scanned per round",
-    ),
-    Value(
-        "max_kernel_pages",
-        lambda e: e.max_kernel_pages,
-        _set_max_kernel_pages,
-        "limit on shared pages, 0 = none",
-    ),
-    Value("kernel_pages_allocated", lambda e: e.counters().kernel_pages_allocated, None, "the v4 name of pages_shared"),
-    Value("pages_shared", lambda e: e.counters().pages_shared, None, "shared pages in use"),
-    Value("pages_sharing", lambda e: e.counters().pages_sharing, None, "more sites mapping them: pages saved"),
-    Value("pages_unshared", lambda e: e.counters().pages_unshared, None, "pages unique so far"),
-    Value("pages_volatile", lambda e: e.counters().pages_volatile, None, "pages changing too fast to merge"),
-    Value("full_scans", lambda e: e.counters().full_scans, None, "completed passes over all registered memory"),
-    Value("pages_scanned", lambda e: e.counters().pages_scanned, None, "pages looked at since start"),
-)
-BY_NAME: dict[str, Value] = {v.name: v for v in VALUES}
-
-
-def read_value(engine: Engine, name: str) -> bytes:
-    """The contents of file ``name``: one number and a newline."""
-    return b"%d\n" % BY_NAME[name].get(engine)
-
-
-def write_value(engine: Engine, name: str, data: bytes) -> None:
-    """Apply a write to file ``name``, or raise OSError and change nothing.
-
-    EACCES for a read-only value, EINVAL for text that is not a number or a
-    number out of the value's range (the same rule as the struct's fields).
-    """
-    value = BY_NAME[name]
-    if value.set is None:
-        raise OSError(errno.EACCES, f"{name} is read-only")
-    try:
-        if len(data) > MAX_WRITE:
-            raise ValueError(f"a write of {len(data)} bytes is no number of ours")
-        value.set(engine, parse_number(data))
-    except ValueError as e:
-        raise OSError(errno.EINVAL, f"{name}: {e}") from None
-
-
-# -- the per-process figures -------------------------------------------------------------
-
-
-def slots_by_tgid(engine: Engine) -> dict[int, list[Slot]]:
-    """Registered regions grouped by the process whose memory they name, in registration order."""
-    out: dict[int, list[Slot]] = {}
-    for slot in engine.slots:
-        out.setdefault(slot.space.tgid, []).append(slot)
-    return out
-
-
-REGIONS_HEADER = "sma addr npages merged\n"
-
-
-def regions_text(slots: list[Slot]) -> bytes:
-    """``processes/<pid>/regions``: a header line, then one line per region.
-
-    ``merged`` counts the region's pages that currently map a shared page.
-    """
-    lines = [REGIONS_HEADER]
-    lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
-    return "".join(lines).encode()
-
-
-# -- the tree --------------------------------------------------------------------------
-
-ROOT_INODE = int(pyfuse3.ROOT_INODE)
-PROCESSES_INODE = 2
-_VALUE_INODES = {v.name: 16 + i for i, v in enumerate(VALUES)}
-_INODE_VALUES = {ino: BY_NAME[name] for name, ino in _VALUE_INODES.items()}
-# Per-process inodes are computed from the tgid, so they need no table and
-# stay valid for as long as the process is registered.
-_PROC_BASE = 1 << 32
-_PROC_STRIDE = 4
-PROCESS_FILES = ("ksm_merging_pages", "regions")
-
-
-@dataclass(frozen=True)
-class Node:
-    """What the filesystem shows for one inode."""
-
-    inode: int
-    mode: int  # type and permission bits
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-
-_DIR_MODE = stat.S_IFDIR | 0o755
-_RW_MODE = stat.S_IFREG | 0o644
-_RO_MODE = stat.S_IFREG | 0o444
-
-
-class ControlTree:
-    """The directory tree over one engine: names, inodes, modes and contents, computed on demand.
-
-    Nothing is cached: every lookup and read asks the engine, so a process
-    directory appears with its first REGISTER and vanishes with its last
-    REMOVE.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    # inode layout ---------------------------------------------------------------
-
-    @staticmethod
-    def process_inode(tgid: int, index: int = -1) -> int:
-        """The directory of ``tgid`` (index -1) or its file ``PROCESS_FILES[index]``."""
-        return _PROC_BASE + tgid * _PROC_STRIDE + 1 + index
-
-    @staticmethod
-    def _split_process_inode(inode: int) -> tuple[int, int]:
-        tgid, k = divmod(inode - _PROC_BASE, _PROC_STRIDE)
-        return tgid, k - 1
-
-    def node(self, inode: int) -> Node | None:
-        """The node behind ``inode``, or None if it does not exist (any more)."""
-        if inode in (ROOT_INODE, PROCESSES_INODE):
-            return Node(inode, _DIR_MODE)
-        value = _INODE_VALUES.get(inode)
-        if value is not None:
-            return Node(inode, _RW_MODE if value.writable else _RO_MODE)
-        if inode >= _PROC_BASE:
-            tgid, k = self._split_process_inode(inode)
-            if k < len(PROCESS_FILES) and tgid in slots_by_tgid(self.engine):
-                return Node(inode, _DIR_MODE if k == -1 else _RO_MODE)
-        return None
-
-    def entries(self, inode: int) -> list[tuple[str, int]]:
-        """(name, inode) of the children of directory ``inode``, in a stable order."""
-        if inode == ROOT_INODE:
-            return [(v.name, _VALUE_INODES[v.name]) for v in VALUES] + [("processes", PROCESSES_INODE)]
-        if inode == PROCESSES_INODE:
-            return [(str(tgid), self.process_inode(tgid)) for tgid in sorted(slots_by_tgid(self.engine))]
-        node = self.node(inode)
-        if node is not None and node.is_dir:
-            tgid, _ = self._split_process_inode(inode)
-            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(PROCESS_FILES)]
-        raise OSError(errno.ENOTDIR, "not a directory")
-
-    def lookup(self, parent: int, name: str) -> int | None:
-        for child, inode in self.entries(parent):
-            if child == name:
-                return inode
-        return None
-
-    def path(self, path: str) -> int | None:
-        """The inode at a relative path such as ``processes/42/regions`` (tests, tools)."""
-        inode: int | None = ROOT_INODE
-        for part in filter(None, path.split("/")):
-            if inode is None:
-                return None
-            inode = self.lookup(inode, part)
-        return inode
-
-    # contents -----------------------------------------------------------------
-
-    def read(self, inode: int) -> bytes:
-        value = _INODE_VALUES.get(inode)
-        if value is not None:
-            return read_value(self.engine, value.name)
-        node = self.node(inode)
-        if node is None:
-            raise OSError(errno.ENOENT, "no such file")
-        if node.is_dir:
-            raise OSError(errno.EISDIR, "is a directory")
-        tgid, k = self._split_process_inode(inode)
-        slots = slots_by_tgid(self.engine).get(tgid, [])
-        if PROCESS_FILES[k] == "ksm_merging_pages":
-            return b"%d\n" % sum(s.pages_merged for s in slots)
-        return regions_text(slots)
-
-    def write(self, inode: int, data: bytes) -> None:
-        value = _INODE_VALUES.get(inode)
-        if value is None:
-            raise OSError(errno.EACCES, "read-only")
-        write_value(self.engine, value.name, data)
+log = logging.getLogger(__name__)
 
 
 # -- the pyfuse3 adapter -----------------------------------------------------------------
@@ -562,10 +266,21 @@ async def serve(engine: Engine, mountpoint: str, *, task_status: Any = trio.TASK
     """Mount the control filesystem at ``mountpoint`` and serve it until cancelled.
 
     Reports started once the mount is in place.  Raises MountError (before
-    starting) if it cannot mount.  pyfuse3 keeps one global session per
-    process, so one control filesystem per process.  The unmount happens in
-    a ``finally``: cancellation, a crash elsewhere in the daemon's nursery,
-    or an error in the filesystem itself all leave no mount behind.
+    starting, so ``nursery.start`` raises it as it is, on every trio, and the
+    daemon can go on without its control files) if it cannot mount.  pyfuse3
+    keeps one global session per process, so one control filesystem per
+    process.
+
+    The unmount happens in a ``finally``, which runs whatever ends the
+    serving: cancellation, a crash elsewhere in the daemon's nursery, or an
+    error in the filesystem itself.  Nothing here catches by exception type,
+    because ``pyfuse3.main`` runs its workers in a nursery of its own: on a
+    trio with strict exception groups a handler's error leaves it as an
+    ExceptionGroup, on older trios as the bare exception.  Either way it is
+    passed on unchanged (the daemon's nursery reports it) after the mount is
+    gone; closing the FUSE channel makes the kernel fail the requests still
+    waiting for an answer (ECONNABORTED, or ENOTCONN) instead of leaving
+    their callers hung.
     """
     mountpoint = os.path.abspath(mountpoint)
     prepare_mountpoint(mountpoint)
@@ -584,4 +299,6 @@ async def serve(engine: Engine, mountpoint: str, *, task_status: Any = trio.TASK
         # unmounted us.  The device goes on without its control files.
         log.warning("%s was unmounted from outside; control files gone until the daemon restarts", mountpoint)
     finally:
+        # Detaches the mount (lazily: a reader still inside it does not keep
+        # it) and closes the FUSE channel, which aborts pending requests.
         pyfuse3.close(unmount=True)

@@ -5,6 +5,9 @@ user who can read that directory, needs no connection to the daemon, and
 works on a real kernel's ``/sys/kernel/mm/ksm`` too, as far as the names
 agree (``--dir /sys/kernel/mm/ksm``).  ``--watch`` redraws the report every
 few seconds with each counter's rate of change since the previous frame.
+
+It needs only :mod:`cuse_ksm.controltree` (the file names and their number
+format), not the FUSE adapter, so it runs where pyfuse3 is not installed.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cuse_ksm import abi
-from cuse_ksm.controlfs import DEFAULT_ROOT, VALUES, parse_number
+from cuse_ksm.controltree import VALUES, default_dir, parse_number
 
-DEFAULT_DIR = os.path.join(DEFAULT_ROOT, "ksm")
+DEFAULT_DIR = default_dir("ksm")
 
 # The counters, in display order; the kthread parameters are shown in the header.
 COUNTERS = (

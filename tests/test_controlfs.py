@@ -1,4 +1,8 @@
-"""The control filesystem: the table over an engine, then a real FUSE mount of it."""
+"""The control files through a real FUSE mount: the pyfuse3 adapter over the tree, and the mount's lifetime.
+
+The mount tests need /dev/fuse and root (``allow_other``); what the files
+hold is tested without FUSE in tests/test_controltree.py.
+"""
 
 from __future__ import annotations
 
@@ -15,211 +19,21 @@ import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import pyfuse3
 import pytest
 import trio
-from hypothesis import given
-from hypothesis import strategies as st
 
-from cuse_ksm import abi, controlfs
-from cuse_ksm.controlfs import PROCESSES_INODE, ROOT_INODE, ControlTree, read_value, write_value
-from cuse_ksm.device import Done, KsmDevice
+from cuse_ksm import abi, controlfs, controltree
+from cuse_ksm.controltree import ControlTree
 from cuse_ksm.engine import Engine
-from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
+from tests.engine.fakes import FakeSpace, page, unique_page
+from tests.test_controltree import BAD_WRITES, READ_ONLY, get_info, kthread_ioctl
 
 ROOT = Path(__file__).resolve().parents[1]
-READ_ONLY = [v.name for v in controlfs.VALUES if not v.writable]
-
-# -- the table, without FUSE ----------------------------------------------------------
 
 
-def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
-    dev = KsmDevice(engine, FakeSpace)
-    fh = dev.open(1).fh
-    out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
-    assert isinstance(out, Done)
-    return out
-
-
-def get_info(engine: Engine) -> abi.KthreadInfo:
-    dev = KsmDevice(engine, FakeSpace)
-    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
-    assert isinstance(out, Done)
-    return abi.KthreadInfo.unpack(out.out)
-
-
-def test_the_files_are_those_of_the_issue():
-    assert [v.name for v in controlfs.VALUES if v.writable] == [
-        "run",
-        "sleep",
-        "sleep_millisecs",
-        "pages_to_scan",
-        "max_kernel_pages",
-    ]
-    assert sorted(READ_ONLY) == sorted(
-        [
-            "kernel_pages_allocated",
-            "pages_shared",
-            "pages_sharing",
-            "pages_unshared",
-            "pages_volatile",
-            "full_scans",
-            "pages_scanned",
-        ]
-    )
-
-
-def test_initial_values_are_one_number_and_a_newline():
-    e = Engine()
-    for v in controlfs.VALUES:
-        assert read_value(e, v.name) == b"0\n", v.name
-
-
-def test_writes_act_on_the_state_the_ioctls_see():
-    e = Engine()
-    write_value(e, "pages_to_scan", b"100\n")
-    write_value(e, "sleep", b"250\n")
-    write_value(e, "run", b"1\n")
-    assert get_info(e) == abi.KthreadInfo(sleep=250, pages_to_scan=100, flags=1)
-    write_value(e, "sleep_millisecs", b"7")
-    assert get_info(e).sleep == 7000 and read_value(e, "sleep") == b"7000\n"
-    write_value(e, "run", b"0\n")
-    assert get_info(e).flags == 0
-    # ...and the reverse: the ioctl's change shows in the files.
-    assert kthread_ioctl(e, abi.KthreadInfo(sleep=1500, pages_to_scan=64, flags=1)) == Done(0)
-    assert [read_value(e, n) for n in ("run", "sleep", "sleep_millisecs", "pages_to_scan")] == [
-        b"1\n",
-        b"1500\n",
-        b"1\n",  # 1.5 ms, rounded down
-        b"64\n",
-    ]
-    write_value(e, "max_kernel_pages", b"4096\n")
-    assert e.max_kernel_pages == 4096 and read_value(e, "max_kernel_pages") == b"4096\n"
-
-
-def test_run_keeps_the_other_flag_bits():
-    e = Engine()
-    kthread_ioctl(e, abi.KthreadInfo(sleep=1, pages_to_scan=1, flags=0b110))
-    assert read_value(e, "run") == b"0\n"
-    write_value(e, "run", b"1")
-    assert e.kthread.flags == 0b111
-    write_value(e, "run", b"0")
-    assert e.kthread.flags == 0b110
-
-
-def test_run_with_no_pages_to_scan_is_stored_unlike_the_ioctl_quirk():
-    e = Engine()
-    # The 2009 ioctl: +1 and nothing changes.
-    assert kthread_ioctl(e, abi.KthreadInfo(sleep=5, pages_to_scan=0, flags=1)) == Done(1)
-    assert e.kthread.flags == 0
-    # The file: stored, as later kernels do; the scanner still has nothing to do.
-    write_value(e, "run", b"1\n")
-    assert get_info(e) == abi.KthreadInfo(sleep=0, pages_to_scan=0, flags=1)
-
-
-BAD_WRITES = [
-    ("run", b"2\n"),  # later kernels' unmerge: not in the 2009 driver
-    ("run", b"-1\n"),
-    ("run", b"yes\n"),
-    ("run", b""),
-    ("run", b"\n"),
-    ("run", b"1 1\n"),
-    ("run", b"0x1\n"),
-    ("run", b"+1\n"),
-    ("sleep", b"4294967296\n"),  # 2**32: not a __u32
-    ("sleep", b"1.5\n"),
-    ("sleep_millisecs", b"4294968\n"),  # * 1000 > 2**32 - 1
-    ("pages_to_scan", b"4294967296\n"),
-    ("pages_to_scan", b"10 pages\n"),
-    ("max_kernel_pages", b"18446744073709551616\n"),  # 2**64
-    ("max_kernel_pages", b"1" * 100),
-    ("pages_to_scan", "\u0663\n".encode()),  # an Arabic-Indic three: a digit to str.isdigit, not to us
-]
-
-
-@pytest.mark.parametrize(("name", "data"), BAD_WRITES)
-def test_bad_writes_are_einval_and_change_nothing(name, data):
-    e = Engine()
-    kthread_ioctl(e, abi.KthreadInfo(sleep=300, pages_to_scan=32, flags=1))
-    e.max_kernel_pages = 9
-    before = (e.kthread, e.max_kernel_pages)
-    with pytest.raises(OSError) as exc:
-        write_value(e, name, data)
-    assert exc.value.errno == errno.EINVAL
-    assert (e.kthread, e.max_kernel_pages) == before
-
-
-def test_largest_values_fit():
-    e = Engine()
-    write_value(e, "sleep_millisecs", b"4294967\n")
-    assert e.kthread.sleep == 4294967000
-    write_value(e, "sleep", b"4294967295\n")
-    write_value(e, "pages_to_scan", b"4294967295\n")
-    assert get_info(e) == abi.KthreadInfo(sleep=abi.U32_MAX, pages_to_scan=abi.U32_MAX, flags=0)
-    write_value(e, "max_kernel_pages", b"18446744073709551615\n")
-    assert e.max_kernel_pages == abi.U64_MAX
-
-
-@pytest.mark.parametrize("name", READ_ONLY)
-def test_counters_are_read_only(name):
-    with pytest.raises(OSError) as exc:
-        write_value(Engine(), name, b"1\n")
-    assert exc.value.errno == errno.EACCES
-
-
-@given(st.integers(min_value=0, max_value=abi.U32_MAX), st.sampled_from(["sleep", "pages_to_scan"]))
-def test_any_u32_round_trips(value, name):
-    e = Engine()
-    write_value(e, name, b"%d\n" % value)
-    assert read_value(e, name) == b"%d\n" % value
-    assert getattr(get_info(e), name) == value
-
-
-def engine_with_duplicates(n: int = 8, tgids: tuple[int, ...] = (4242,)) -> Engine:
-    """Each process maps ``n`` identical pages and two unique ones; one full pass of merging done."""
-    e = Engine()
-    for t, tgid in enumerate(tgids):
-        space = FakeSpace(tgid)
-        space.map(0x10000, [page(7)] * n + [unique_page(2 * t), unique_page(2 * t + 1)])
-        e.register(e.new_sma(), space, 0x10000, n + 2)
-    full_scans(e, 3)
-    return e
-
-
-def test_counters_are_the_engines():
-    e = engine_with_duplicates(8, (100, 200))
-    c = e.counters()
-    assert (c.pages_shared, c.pages_sharing) == (1, 15)
-    for name in READ_ONLY:
-        assert read_value(e, name) == b"%d\n" % getattr(c, name), name
-
-
-def test_tree_lists_values_and_a_directory_per_process():
-    e = engine_with_duplicates(8, (300, 100))
-    tree = ControlTree(e)
-    assert [name for name, _ in tree.entries(ROOT_INODE)] == [v.name for v in controlfs.VALUES] + ["processes"]
-    assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100", "300"]
-    proc = tree.path("processes/100")
-    assert proc is not None and tree.node(proc).is_dir
-    assert [name for name, _ in tree.entries(proc)] == ["ksm_merging_pages", "regions"]
-    assert tree.read(tree.path("processes/100/ksm_merging_pages")) == b"8\n"
-    sma = e.slots[1].sma.id
-    assert tree.read(tree.path("processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
-    assert tree.read(tree.path("pages_sharing")) == b"15\n"
-    assert tree.path("processes/999") is None and tree.path("nothing") is None
-    # REMOVE: the directory goes with the process's last region.
-    e.remove_regions(e.slots[0].sma)
-    assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100"]
-    assert tree.node(ControlTree.process_inode(300)) is None
-
-
-def test_tree_writes_only_the_knobs():
-    e = Engine()
-    tree = ControlTree(e)
-    tree.write(tree.path("pages_to_scan"), b"5\n")
-    assert e.kthread.pages_to_scan == 5
-    with pytest.raises(OSError) as exc:
-        tree.write(tree.path("pages_shared"), b"5\n")
-    assert exc.value.errno == errno.EACCES
+def test_the_trees_root_is_fuses() -> None:
+    assert controltree.ROOT_INODE == pyfuse3.ROOT_INODE
 
 
 # -- a real mount --------------------------------------------------------------------
@@ -292,7 +106,7 @@ async def wait_for(path: str, want: str, seconds: float = 10) -> None:
 
 
 @pytest.fixture
-async def mounted(nursery) -> AsyncIterator[tuple[Engine, str]]:
+async def mounted(nursery: trio.Nursery) -> AsyncIterator[tuple[Engine, str]]:
     engine = Engine()
     space = FakeSpace(4242)
     space.map(0x10000, [page(7)] * 16 + [unique_page(1)])
@@ -305,10 +119,10 @@ async def mounted(nursery) -> AsyncIterator[tuple[Engine, str]]:
 
 
 @needs_fuse
-async def test_mount_shows_a_running_engines_counters(mounted):
+async def test_mount_shows_a_running_engines_counters(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     assert sorted(await trio.to_thread.run_sync(os.listdir, path)) == sorted(
-        [v.name for v in controlfs.VALUES] + ["processes"]
+        [v.name for v in controltree.VALUES] + ["processes"]
     )
     assert await read(f"{path}/pages_sharing") == "0\n"
     # Start the scanner through the files, as an administrator would.
@@ -331,7 +145,7 @@ async def test_mount_shows_a_running_engines_counters(mounted):
 
 
 @needs_fuse
-async def test_ioctl_changes_show_in_the_files(mounted):
+async def test_ioctl_changes_show_in_the_files(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     kthread_ioctl(engine, abi.KthreadInfo(sleep=20000, pages_to_scan=3, flags=1))
     assert [await read(f"{path}/{n}") for n in ("run", "sleep", "sleep_millisecs", "pages_to_scan")] == [
@@ -343,7 +157,7 @@ async def test_ioctl_changes_show_in_the_files(mounted):
 
 
 @needs_fuse
-async def test_bad_writes_fail_with_einval_through_the_mount(mounted):
+async def test_bad_writes_fail_with_einval_through_the_mount(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     assert await write(f"{path}/sleep", b"123\n") == 0
     before = (engine.kthread, engine.max_kernel_pages)
@@ -357,7 +171,7 @@ async def test_bad_writes_fail_with_einval_through_the_mount(mounted):
 
 
 @needs_fuse
-async def test_any_user_reads_only_root_writes(mounted):
+async def test_any_user_reads_only_root_writes(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     result = await run("cat", f"{path}/pages_to_scan", f"{path}/processes/4242/regions", user=65534)
     assert result.returncode == 0, result.stderr
@@ -375,7 +189,7 @@ async def test_any_user_reads_only_root_writes(mounted):
 
 
 @needs_fuse
-async def test_mount_is_gone_after_cancel_and_after_a_crash():
+async def test_mount_is_gone_after_cancel_and_after_a_crash() -> None:
     engine = Engine()
     with mount_dir() as path:
         async with trio.open_nursery() as nursery:
@@ -387,13 +201,55 @@ async def test_mount_is_gone_after_cancel_and_after_a_crash():
             nursery.cancel_scope.cancel()
         assert not is_mounted(path)
 
-        # A crash elsewhere in the daemon's nursery takes the mount down too.
-        with pytest.raises(ZeroDivisionError):
+        # A crash elsewhere in the daemon's nursery takes the mount down too,
+        # and serve adds nothing to the error (a trio with strict exception
+        # groups wraps it in the nursery's group, an older one does not).
+        with pytest.RaisesGroup(ZeroDivisionError, allow_unwrapped=True):
             async with trio.open_nursery() as nursery:
                 await nursery.start(controlfs.serve, engine, path)
                 assert is_mounted(path)
                 raise ZeroDivisionError
         assert not is_mounted(path)
+
+
+@needs_fuse
+async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bug(self: ControlTree, inode: int) -> bytes:
+        raise ZeroDivisionError("a bug in the tree")
+
+    monkeypatch.setattr(ControlTree, "read", bug)
+    engine = Engine()
+    with mount_dir() as path:
+        got: list[OSError] = []
+
+        def read_run() -> None:
+            with pytest.raises(OSError) as exc:
+                Path(f"{path}/run").read_text()
+            got.append(exc.value)
+
+        # The error leaves pyfuse3's own nursery and then ours: nested groups
+        # on a trio with strict exception groups, the bare error on an older one.
+        with pytest.RaisesGroup(ZeroDivisionError, allow_unwrapped=True, flatten_subgroups=True):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(controlfs.serve, engine, path)
+                await trio.to_thread.run_sync(read_run)
+        assert not is_mounted(path)
+        # The request that hit the bug is never answered; closing the FUSE
+        # channel aborts the connection instead of leaving the reader hung
+        # (which of the two errors it sees depends on whether its request was
+        # pending or not yet sent when the channel closed).
+        assert len(got) == 1 and got[0].errno in (errno.ECONNABORTED, errno.ENOTCONN), got
+
+
+async def test_a_refused_mount_is_raised_by_start_and_the_nursery_goes_on(tmp_path: Path) -> None:
+    """The daemon catches MountError around ``nursery.start`` and serves the device without control files."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(controlfs.MountError, match="is not a directory"):
+            await nursery.start(controlfs.serve, Engine(), str(not_a_dir))
+        nursery.start_soon(trio.sleep, 0)  # still open for the device's tasks
+    assert not is_mounted(str(not_a_dir))
 
 
 SERVE_SCRIPT = textwrap.dedent(
@@ -424,7 +280,7 @@ def start_server_process(path: str) -> subprocess.Popen[str]:
 
 
 @needs_fuse
-async def test_a_crashed_daemons_stale_mount_is_cleared(caplog):
+async def test_a_crashed_daemons_stale_mount_is_cleared(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="cuse_ksm")
     with mount_dir() as path:
         proc = await trio.to_thread.run_sync(start_server_process, path)
@@ -443,7 +299,7 @@ async def test_a_crashed_daemons_stale_mount_is_cleared(caplog):
 
 
 @needs_fuse
-async def test_a_live_mount_is_not_mounted_over():
+async def test_a_live_mount_is_not_mounted_over() -> None:
     with mount_dir() as path:
         proc = await trio.to_thread.run_sync(start_server_process, path)
         try:
@@ -455,7 +311,7 @@ async def test_a_live_mount_is_not_mounted_over():
         assert not is_mounted(path)
 
 
-def test_missing_mount_directories_are_created_0755(tmp_path):
+def test_missing_mount_directories_are_created_0755(tmp_path: Path) -> None:
     target = tmp_path / "run" / "cuse-ksm" / "ksm"
     old = os.umask(0o077)
     try:
@@ -464,4 +320,4 @@ def test_missing_mount_directories_are_created_0755(tmp_path):
         os.umask(old)
     assert target.is_dir()
     assert (target.stat().st_mode & 0o777, target.parent.stat().st_mode & 0o777) == (0o755, 0o755)
-    assert controlfs.default_dir("ksm") == "/run/cuse-ksm/ksm"
+    assert controltree.default_dir("ksm") == "/run/cuse-ksm/ksm"

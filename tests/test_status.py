@@ -42,7 +42,7 @@ def fake_dir(tmp_path: Path, values: dict[str, int] = VALUES) -> Path:
     return tmp_path
 
 
-def test_report_shows_counters_savings_and_processes(tmp_path):
+def test_report_shows_counters_savings_and_processes(tmp_path: Path) -> None:
     text = status.render(status.read_snapshot(str(fake_dir(tmp_path))))
     lines = text.splitlines()
     assert lines[0] == f"cuse-ksm status of {tmp_path}"
@@ -57,7 +57,7 @@ def test_report_shows_counters_savings_and_processes(tmp_path):
     assert lines[-1].split() == ["1234", "2", "520", "512", "2.00"]
 
 
-def test_scanner_states(tmp_path):
+def test_scanner_states(tmp_path: Path) -> None:
     stopped = status.render(status.read_snapshot(str(fake_dir(tmp_path, {**VALUES, "run": 0}))))
     assert "scanner: stopped" in stopped
     idle = {**VALUES, "pages_to_scan": 0, "max_kernel_pages": 64}
@@ -65,7 +65,7 @@ def test_scanner_states(tmp_path):
     assert "set to run, but idle: pages_to_scan is 0" in text and "max_kernel_pages 64" in text
 
 
-def test_rates_per_second_between_two_frames():
+def test_rates_per_second_between_two_frames() -> None:
     before = status.Snapshot("/d", 10.0, dict(VALUES))
     after = status.Snapshot("/d", 12.0, {**VALUES, "pages_scanned": 2048 + 1000, "full_scans": 6})
     lines = status.render(after, before).splitlines()
@@ -76,7 +76,7 @@ def test_rates_per_second_between_two_frames():
     assert rows["pages_sharing"][-1] == "0.0"
 
 
-def test_watch_redraws_with_rates(tmp_path):
+def test_watch_redraws_with_rates(tmp_path: Path) -> None:
     args = argparse.Namespace(dir=str(fake_dir(tmp_path)), watch=0.05, count=3)
     frames: list[str] = []
     assert status.run(args, out=frames.append) == 0
@@ -84,7 +84,7 @@ def test_watch_redraws_with_rates(tmp_path):
     assert "/s" not in frames[0] and "/s" in frames[1] and "/s" in frames[2]
 
 
-def test_errors_are_one_clear_line(tmp_path):
+def test_errors_are_one_clear_line(tmp_path: Path) -> None:
     for directory, message in [
         (tmp_path / "missing", "no control files at"),
         (tmp_path, "not a cuse-ksm control directory"),
@@ -100,8 +100,45 @@ def test_errors_are_one_clear_line(tmp_path):
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+# ``python -m cuse_ksm ARGS`` in a process where ``import pyfuse3`` fails, as
+# it does on a machine without pyfuse3 (a None in sys.modules halts the import).
+WITHOUT_PYFUSE3 = (
+    "import runpy, sys; sys.modules['pyfuse3'] = None; "
+    "runpy.run_module('cuse_ksm', run_name='__main__', alter_sys=True)"
+)
+
+
+def without_pyfuse3(*argv: str) -> subprocess.CompletedProcess[str]:
+    argv = (sys.executable, "-c", WITHOUT_PYFUSE3, *argv)
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_status_and_help_run_without_pyfuse3(tmp_path: Path) -> None:
+    # The wrapper does take pyfuse3 away: the FUSE adapter cannot be imported.
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['pyfuse3'] = None; import cuse_ksm.controlfs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert blocked.returncode == 1 and "ModuleNotFoundError: import of pyfuse3 halted" in blocked.stderr
+    directory = str(fake_dir(tmp_path))
+    result = without_pyfuse3("status", "--dir", directory)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == status.render(status.read_snapshot(directory))
+    result = without_pyfuse3("--help")
+    assert result.returncode == 0 and "--stats-dir DIR" in result.stdout and "{status}" in result.stdout, result.stderr
+    result = without_pyfuse3("status", "--help")
+    assert result.returncode == 0 and "--watch [SECONDS]" in result.stdout, result.stderr
+    # A status error is still the one clear line, not an ImportError.
+    result = without_pyfuse3("status", "--dir", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "no control files at" in result.stderr
+
+
 @needs_fuse
-async def test_status_of_a_live_mount(nursery):
+async def test_status_of_a_live_mount(nursery: trio.Nursery) -> None:
     engine = Engine()
     space = FakeSpace(777)
     space.map(0x20000, [page(3)] * 64)

@@ -1,0 +1,334 @@
+"""The control tree: the engine's counters and knobs as files, like /sys/kernel/mm/ksm, without FUSE.
+
+The 2009 driver had no sysfs directory (its reviewers asked for one; the v4
+patch and later kernels added it), so a 2009 program can only steer the
+scanner through START_STOP_KTHREAD.  An administrator wants what later
+kernels give: ``cat pages_sharing``, ``echo 100 > pages_to_scan``.  This
+module is everything about those files that is not a mount: which files
+exist, what a read returns and what a write does.  It imports neither
+pyfuse3 nor trio, so ``cuse-ksm status`` (which parses the same files) runs
+where pyfuse3 is not installed, and the tests need no mount and no root.
+:mod:`cuse_ksm.controlfs` serves this tree through FUSE.
+
+Two layers, each usable without the next:
+
+* :data:`VALUES`, the table: each file name with its getter and, for the
+  read-write ones, its setter over an :class:`~cuse_ksm.engine.Engine`.
+  :func:`read_value` and :func:`write_value` add the text format (one
+  number and a newline) and the refusal of bad writes (EINVAL, nothing
+  changed).
+* :class:`ControlTree`: the directory tree (the values, plus ``processes/``
+  with a directory per registered process) as inode numbers, names, modes and
+  contents, computed from the engine on every call.
+
+Writes act on the engine exactly as START_STOP_KTHREAD does: the new
+parameters are built as an :class:`~cuse_ksm.abi.KthreadInfo` (which refuses
+values that do not fit its ``__u32`` fields) and stored with
+:meth:`Engine.set_kthread`, which wakes the scanner.  One deliberate
+difference from the ioctl: writing 1 to ``run`` while ``pages_to_scan`` is 0
+is accepted and stored (later kernels do the same), whereas the 2009 ioctl
+returns +1 and changes nothing; the scanner stays idle either way, since it
+only scans while the run flag is set *and* pages_to_scan is not 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cuse_ksm import abi
+
+if TYPE_CHECKING:
+    # Only for annotations: importing the engine would import what it needs
+    # to run (trio, xxhash, ...), and ``cuse-ksm status`` needs none of it.
+    from cuse_ksm.engine import Engine, Slot
+
+DEFAULT_ROOT = "/run/cuse-ksm"
+
+# Longest write we parse: a 20-digit u64 plus a newline fits with room to spare.
+MAX_WRITE = 64
+
+
+def default_dir(devname: str) -> str:
+    """Where the daemon serving /dev/NAME mounts its control files: /run/cuse-ksm/NAME.
+
+    One directory per device name, so that a second daemon (another
+    ``--name``) does not collide with the first.
+    """
+    return os.path.join(DEFAULT_ROOT, devname)
+
+
+# -- the table of values ------------------------------------------------------------
+
+
+def parse_number(data: bytes) -> int:
+    """The number in a write: decimal ASCII digits, surrounding whitespace (``echo``'s newline) ignored.
+
+    Anything else (a sign, hex, a second word, an empty write) is a
+    ValueError, which the filesystem turns into EINVAL.
+    """
+    text = data.strip()
+    if not text or not text.isdigit():  # bytes.isdigit is ASCII-only: no '+', '-', '٣'
+        raise ValueError(f"{data[:MAX_WRITE]!r} is not a decimal number")
+    return int(text)
+
+
+def _store_kthread(engine: Engine, **changes: int) -> None:
+    """Change some kthread parameters, keeping the others: the ioctl's own path.
+
+    ``dataclasses.replace`` builds a new KthreadInfo, whose range check runs
+    before anything is stored; then :meth:`Engine.set_kthread` stores it and
+    wakes the scanner, as KSM_START_STOP_KTHREAD does.
+    """
+    info = dataclasses.replace(engine.kthread, **changes)
+    engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
+
+
+def _set_run(engine: Engine, value: int) -> None:
+    # Later kernels also take 2 (unmerge everything); the 2009 driver has no
+    # such operation, so 2 is refused like any other value.
+    if value not in (0, 1):
+        raise ValueError(f"run must be 0 or 1, not {value} (2, unmerge, is not part of the 2009 driver)")
+    flags = engine.kthread.flags & ~abi.KSM_CONTROL_FLAGS_RUN
+    _store_kthread(engine, flags=flags | (abi.KSM_CONTROL_FLAGS_RUN if value else 0))
+
+
+def _set_sleep_millisecs(engine: Engine, value: int) -> None:
+    if value * 1000 > abi.U32_MAX:
+        raise ValueError(f"sleep_millisecs {value} is too large: sleep is a __u32 number of microseconds")
+    _store_kthread(engine, sleep=value * 1000)
+
+
+def _set_max_kernel_pages(engine: Engine, value: int) -> None:
+    if value > abi.U64_MAX:  # the v4 patch's unsigned long
+        raise ValueError(f"max_kernel_pages {value} does not fit in an unsigned long")
+    engine.max_kernel_pages = value
+
+
+@dataclass(frozen=True)
+class Value:
+    """One file of the control directory: a number read from (and maybe written to) the engine."""
+
+    name: str
+    get: Callable[[Engine], int]
+    set: Callable[[Engine, int], None] | None
+    doc: str
+
+    @property
+    def writable(self) -> bool:
+        return self.set is not None
+
+
+VALUES: tuple[Value, ...] = (
+    Value(
+        "run",
+        lambda e: e.kthread.flags & abi.KSM_CONTROL_FLAGS_RUN,
+        _set_run,
+        "1 while the run flag is set, 0 when stopped (flags bit 0 of GET_INFO_KTHREAD)",
+    ),
+    Value(
+        "sleep",
+        lambda e: e.kthread.sleep,
+        lambda e, v: _store_kthread(e, sleep=v),
+        "microseconds between two rounds (the 2009 struct's unit)",
+    ),
+    Value(
+        "sleep_millisecs",
+        lambda e: e.kthread.sleep // 1000,
+        _set_sleep_millisecs,
+        "the same pause in milliseconds, as later kernels show it (rounded down)",
+    ),
+    Value(
+        "pages_to_scan",
+        lambda e: e.kthread.pages_to_scan,
+        lambda e, v: _store_kthread(e, pages_to_scan=v),
+        "pages scanned per round",
+    ),
+    Value(
+        "max_kernel_pages",
+        lambda e: e.max_kernel_pages,
+        _set_max_kernel_pages,
+        "limit on shared pages, 0 = none",
+    ),
+    Value("kernel_pages_allocated", lambda e: e.counters().kernel_pages_allocated, None, "the v4 name of pages_shared"),
+    Value("pages_shared", lambda e: e.counters().pages_shared, None, "shared pages in use"),
+    Value("pages_sharing", lambda e: e.counters().pages_sharing, None, "more sites mapping them: pages saved"),
+    Value("pages_unshared", lambda e: e.counters().pages_unshared, None, "pages unique so far"),
+    Value("pages_volatile", lambda e: e.counters().pages_volatile, None, "pages changing too fast to merge"),
+    Value("full_scans", lambda e: e.counters().full_scans, None, "completed passes over all registered memory"),
+    Value("pages_scanned", lambda e: e.counters().pages_scanned, None, "pages looked at since start"),
+)
+BY_NAME: dict[str, Value] = {v.name: v for v in VALUES}
+
+
+def read_value(engine: Engine, name: str) -> bytes:
+    """The contents of file ``name``: one number and a newline."""
+    return b"%d\n" % BY_NAME[name].get(engine)
+
+
+def write_value(engine: Engine, name: str, data: bytes) -> None:
+    """Apply a write to file ``name``, or raise OSError and change nothing.
+
+    EACCES for a read-only value, EINVAL for text that is not a number or a
+    number out of the value's range (the same rule as the struct's fields).
+    """
+    value = BY_NAME[name]
+    if value.set is None:
+        raise OSError(errno.EACCES, f"{name} is read-only")
+    try:
+        if len(data) > MAX_WRITE:
+            raise ValueError(f"a write of {len(data)} bytes is no number of ours")
+        value.set(engine, parse_number(data))
+    except ValueError as e:
+        raise OSError(errno.EINVAL, f"{name}: {e}") from None
+
+
+# -- the per-process files -----------------------------------------------------------
+
+REGIONS_HEADER = "sma addr npages merged\n"
+
+
+def regions_text(slots: list[Slot]) -> bytes:
+    """``processes/<pid>/regions``: a header line, then one line per region.
+
+    ``merged`` counts the region's pages that currently map a shared page
+    (the engine's own per-region counter).
+    """
+    lines = [REGIONS_HEADER]
+    lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
+    return "".join(lines).encode()
+
+
+# -- the tree --------------------------------------------------------------------------
+
+# FUSE_ROOT_ID: the number by which the kernel asks for the mount's root
+# (pyfuse3.ROOT_INODE, which the adapter's test checks against this).
+ROOT_INODE = 1
+PROCESSES_INODE = 2
+_VALUE_INODES = {v.name: 16 + i for i, v in enumerate(VALUES)}
+_INODE_VALUES = {ino: BY_NAME[name] for name, ino in _VALUE_INODES.items()}
+# Per-process inodes are computed from the tgid, so they need no table and
+# stay valid for as long as the process is registered.
+_PROC_BASE = 1 << 32
+_PROC_STRIDE = 4
+PROCESS_FILES = ("ksm_merging_pages", "regions")
+
+
+@dataclass(frozen=True)
+class Node:
+    """What the filesystem shows for one inode."""
+
+    inode: int
+    mode: int  # type and permission bits
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+
+_DIR_MODE = stat.S_IFDIR | 0o755
+_RW_MODE = stat.S_IFREG | 0o644
+_RO_MODE = stat.S_IFREG | 0o444
+
+
+class ControlTree:
+    """The directory tree over one engine: names, inodes, modes and contents, computed on demand.
+
+    Nothing is cached: every lookup and read asks the engine, so a process
+    directory appears with its first REGISTER and vanishes with its last
+    REMOVE.  Per-process figures are the engine's
+    (:meth:`Engine.merged_pages_by_tgid`, ``Slot.pages_merged``); the tree
+    only groups the registered regions by process to lay out directories.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # the processes --------------------------------------------------------------
+
+    def tgids(self) -> list[int]:
+        """The processes with registered memory, by pid: the directories under ``processes/``."""
+        return sorted({slot.space.tgid for slot in self.engine.slots})
+
+    def regions(self, tgid: int) -> list[Slot]:
+        """The regions registered in process ``tgid``, in registration order (none if it has none)."""
+        return [slot for slot in self.engine.slots if slot.space.tgid == tgid]
+
+    # inode layout ---------------------------------------------------------------
+
+    @staticmethod
+    def process_inode(tgid: int, index: int = -1) -> int:
+        """The directory of ``tgid`` (index -1) or its file ``PROCESS_FILES[index]``."""
+        return _PROC_BASE + tgid * _PROC_STRIDE + 1 + index
+
+    @staticmethod
+    def _split_process_inode(inode: int) -> tuple[int, int]:
+        tgid, k = divmod(inode - _PROC_BASE, _PROC_STRIDE)
+        return tgid, k - 1
+
+    def node(self, inode: int) -> Node | None:
+        """The node behind ``inode``, or None if it does not exist (any more)."""
+        if inode in (ROOT_INODE, PROCESSES_INODE):
+            return Node(inode, _DIR_MODE)
+        value = _INODE_VALUES.get(inode)
+        if value is not None:
+            return Node(inode, _RW_MODE if value.writable else _RO_MODE)
+        if inode >= _PROC_BASE:
+            tgid, k = self._split_process_inode(inode)
+            if k < len(PROCESS_FILES) and self.regions(tgid):
+                return Node(inode, _DIR_MODE if k == -1 else _RO_MODE)
+        return None
+
+    def entries(self, inode: int) -> list[tuple[str, int]]:
+        """(name, inode) of the children of directory ``inode``, in a stable order."""
+        if inode == ROOT_INODE:
+            return [(v.name, _VALUE_INODES[v.name]) for v in VALUES] + [("processes", PROCESSES_INODE)]
+        if inode == PROCESSES_INODE:
+            return [(str(tgid), self.process_inode(tgid)) for tgid in self.tgids()]
+        node = self.node(inode)
+        if node is not None and node.is_dir:
+            tgid, _ = self._split_process_inode(inode)
+            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(PROCESS_FILES)]
+        raise OSError(errno.ENOTDIR, "not a directory")
+
+    def lookup(self, parent: int, name: str) -> int | None:
+        for child, inode in self.entries(parent):
+            if child == name:
+                return inode
+        return None
+
+    def path(self, path: str) -> int | None:
+        """The inode at a relative path such as ``processes/42/regions`` (tests, tools)."""
+        inode: int | None = ROOT_INODE
+        for part in filter(None, path.split("/")):
+            if inode is None:
+                return None
+            inode = self.lookup(inode, part)
+        return inode
+
+    # contents -----------------------------------------------------------------
+
+    def read(self, inode: int) -> bytes:
+        value = _INODE_VALUES.get(inode)
+        if value is not None:
+            return read_value(self.engine, value.name)
+        node = self.node(inode)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such file")
+        if node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        tgid, k = self._split_process_inode(inode)
+        if PROCESS_FILES[k] == "ksm_merging_pages":
+            return b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
+        return regions_text(self.regions(tgid))
+
+    def write(self, inode: int, data: bytes) -> None:
+        value = _INODE_VALUES.get(inode)
+        if value is None:
+            raise OSError(errno.EACCES, "read-only")
+        write_value(self.engine, value.name, data)

@@ -1,0 +1,256 @@
+"""The control tree without FUSE: the table of values over an engine, and the directory tree.
+
+No mount, no trio, no root: what the files are, what a read returns and
+what a write does.  tests/test_controlfs.py serves the same tree through a
+real FUSE mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cuse_ksm import abi, controltree
+from cuse_ksm.controltree import PROCESSES_INODE, ROOT_INODE, ControlTree, read_value, write_value
+from cuse_ksm.device import Done, KsmDevice
+from cuse_ksm.engine import Engine
+from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
+
+READ_ONLY = [v.name for v in controltree.VALUES if not v.writable]
+
+
+def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
+    dev = KsmDevice(engine, FakeSpace)
+    fh = dev.open(1).fh
+    out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
+    assert isinstance(out, Done)
+    return out
+
+
+def get_info(engine: Engine) -> abi.KthreadInfo:
+    dev = KsmDevice(engine, FakeSpace)
+    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
+    assert isinstance(out, Done)
+    return abi.KthreadInfo.unpack(out.out)
+
+
+def test_the_files_and_which_of_them_are_writable() -> None:
+    assert [v.name for v in controltree.VALUES if v.writable] == [
+        "run",
+        "sleep",
+        "sleep_millisecs",
+        "pages_to_scan",
+        "max_kernel_pages",
+    ]
+    assert sorted(READ_ONLY) == sorted(
+        [
+            "kernel_pages_allocated",
+            "pages_shared",
+            "pages_sharing",
+            "pages_unshared",
+            "pages_volatile",
+            "full_scans",
+            "pages_scanned",
+        ]
+    )
+
+
+def test_initial_values_are_one_number_and_a_newline() -> None:
+    e = Engine()
+    for v in controltree.VALUES:
+        assert read_value(e, v.name) == b"0\n", v.name
+
+
+def test_writes_act_on_the_state_the_ioctls_see() -> None:
+    e = Engine()
+    write_value(e, "pages_to_scan", b"100\n")
+    write_value(e, "sleep", b"250\n")
+    write_value(e, "run", b"1\n")
+    assert get_info(e) == abi.KthreadInfo(sleep=250, pages_to_scan=100, flags=1)
+    write_value(e, "sleep_millisecs", b"7")
+    assert get_info(e).sleep == 7000 and read_value(e, "sleep") == b"7000\n"
+    write_value(e, "run", b"0\n")
+    assert get_info(e).flags == 0
+    # ...and the reverse: the ioctl's change shows in the files.
+    assert kthread_ioctl(e, abi.KthreadInfo(sleep=1500, pages_to_scan=64, flags=1)) == Done(0)
+    assert [read_value(e, n) for n in ("run", "sleep", "sleep_millisecs", "pages_to_scan")] == [
+        b"1\n",
+        b"1500\n",
+        b"1\n",  # 1.5 ms, rounded down
+        b"64\n",
+    ]
+    write_value(e, "max_kernel_pages", b"4096\n")
+    assert e.max_kernel_pages == 4096 and read_value(e, "max_kernel_pages") == b"4096\n"
+
+
+def test_run_keeps_the_other_flag_bits() -> None:
+    e = Engine()
+    kthread_ioctl(e, abi.KthreadInfo(sleep=1, pages_to_scan=1, flags=0b110))
+    assert read_value(e, "run") == b"0\n"
+    write_value(e, "run", b"1")
+    assert e.kthread.flags == 0b111
+    write_value(e, "run", b"0")
+    assert e.kthread.flags == 0b110
+
+
+def test_run_with_no_pages_to_scan_is_stored_unlike_the_ioctl_quirk() -> None:
+    e = Engine()
+    # The 2009 ioctl: +1 and nothing changes.
+    assert kthread_ioctl(e, abi.KthreadInfo(sleep=5, pages_to_scan=0, flags=1)) == Done(1)
+    assert e.kthread.flags == 0
+    # The file: stored, as later kernels do; the scanner still has nothing to do.
+    write_value(e, "run", b"1\n")
+    assert get_info(e) == abi.KthreadInfo(sleep=0, pages_to_scan=0, flags=1)
+
+
+BAD_WRITES = [
+    ("run", b"2\n"),  # later kernels' unmerge: not in the 2009 driver
+    ("run", b"-1\n"),
+    ("run", b"yes\n"),
+    ("run", b""),
+    ("run", b"\n"),
+    ("run", b"1 1\n"),
+    ("run", b"0x1\n"),
+    ("run", b"+1\n"),
+    ("sleep", b"4294967296\n"),  # 2**32: not a __u32
+    ("sleep", b"1.5\n"),
+    ("sleep_millisecs", b"4294968\n"),  # * 1000 > 2**32 - 1
+    ("pages_to_scan", b"4294967296\n"),
+    ("pages_to_scan", b"10 pages\n"),
+    ("max_kernel_pages", b"18446744073709551616\n"),  # 2**64
+    ("max_kernel_pages", b"1" * 100),
+    ("pages_to_scan", "\u0663\n".encode()),  # an Arabic-Indic three: a digit to str.isdigit, not to us
+]
+
+
+@pytest.mark.parametrize(("name", "data"), BAD_WRITES)
+def test_bad_writes_are_einval_and_change_nothing(name: str, data: bytes) -> None:
+    e = Engine()
+    kthread_ioctl(e, abi.KthreadInfo(sleep=300, pages_to_scan=32, flags=1))
+    e.max_kernel_pages = 9
+    before = (e.kthread, e.max_kernel_pages)
+    with pytest.raises(OSError) as exc:
+        write_value(e, name, data)
+    assert exc.value.errno == errno.EINVAL
+    assert (e.kthread, e.max_kernel_pages) == before
+
+
+def test_largest_values_fit() -> None:
+    e = Engine()
+    write_value(e, "sleep_millisecs", b"4294967\n")
+    assert e.kthread.sleep == 4294967000
+    write_value(e, "sleep", b"4294967295\n")
+    write_value(e, "pages_to_scan", b"4294967295\n")
+    assert get_info(e) == abi.KthreadInfo(sleep=abi.U32_MAX, pages_to_scan=abi.U32_MAX, flags=0)
+    write_value(e, "max_kernel_pages", b"18446744073709551615\n")
+    assert e.max_kernel_pages == abi.U64_MAX
+
+
+@pytest.mark.parametrize("name", READ_ONLY)
+def test_counters_are_read_only(name: str) -> None:
+    with pytest.raises(OSError) as exc:
+        write_value(Engine(), name, b"1\n")
+    assert exc.value.errno == errno.EACCES
+
+
+@given(st.integers(min_value=0, max_value=abi.U32_MAX), st.sampled_from(["sleep", "pages_to_scan"]))
+def test_any_u32_round_trips(value: int, name: str) -> None:
+    e = Engine()
+    write_value(e, name, b"%d\n" % value)
+    assert read_value(e, name) == b"%d\n" % value
+    assert getattr(get_info(e), name) == value
+
+
+def at(tree: ControlTree, path: str) -> int:
+    """The inode at ``path``, which must exist."""
+    inode = tree.path(path)
+    assert inode is not None, path
+    return inode
+
+
+def engine_with_duplicates(n: int = 8, tgids: tuple[int, ...] = (4242,)) -> Engine:
+    """Each process maps ``n`` identical pages and two unique ones; one full pass of merging done."""
+    e = Engine()
+    for t, tgid in enumerate(tgids):
+        space = FakeSpace(tgid)
+        space.map(0x10000, [page(7)] * n + [unique_page(2 * t), unique_page(2 * t + 1)])
+        e.register(e.new_sma(), space, 0x10000, n + 2)
+    full_scans(e, 3)
+    return e
+
+
+def test_counters_are_the_engines() -> None:
+    e = engine_with_duplicates(8, (100, 200))
+    c = e.counters()
+    assert (c.pages_shared, c.pages_sharing) == (1, 15)
+    for name in READ_ONLY:
+        assert read_value(e, name) == b"%d\n" % getattr(c, name), name
+
+
+def test_tree_lists_values_and_a_directory_per_process() -> None:
+    e = engine_with_duplicates(8, (300, 100))
+    tree = ControlTree(e)
+    assert [name for name, _ in tree.entries(ROOT_INODE)] == [v.name for v in controltree.VALUES] + ["processes"]
+    assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100", "300"]
+    proc = tree.path("processes/100")
+    assert proc is not None
+    node = tree.node(proc)
+    assert node is not None and node.is_dir
+    assert [name for name, _ in tree.entries(proc)] == ["ksm_merging_pages", "regions"]
+    assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
+    sma = e.slots[1].sma.id
+    assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
+    assert tree.read(at(tree, "pages_sharing")) == b"15\n"
+    assert tree.path("processes/999") is None and tree.path("nothing") is None
+    # REMOVE: the directory goes with the process's last region.
+    e.remove_regions(e.slots[0].sma)
+    assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100"]
+    assert tree.node(ControlTree.process_inode(300)) is None
+
+
+def test_tree_writes_only_the_knobs() -> None:
+    e = Engine()
+    tree = ControlTree(e)
+    tree.write(at(tree, "pages_to_scan"), b"5\n")
+    assert e.kthread.pages_to_scan == 5
+    with pytest.raises(OSError) as exc:
+        tree.write(at(tree, "pages_shared"), b"5\n")
+    assert exc.value.errno == errno.EACCES
+
+
+def test_a_process_with_several_regions() -> None:
+    """Its directory lists every region in registration order; ksm_merging_pages is the engine's per-process figure."""
+    e = Engine()
+    space = FakeSpace(500)
+    space.map(0x10000, [page(7)] * 4)
+    space.map(0x40000, [page(7)] * 3 + [unique_page(9)])
+    first, second = e.new_sma(), e.new_sma()
+    e.register(first, space, 0x40000, 4)
+    e.register(second, space, 0x10000, 4)
+    full_scans(e, 3)
+    tree = ControlTree(e)
+    assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["500"]
+    assert tree.read(at(tree, "processes/500/ksm_merging_pages")) == b"7\n"
+    assert e.merged_pages_by_tgid() == {500: 7}
+    assert tree.read(at(tree, "processes/500/regions")) == (
+        f"sma addr npages merged\n{first.id} 0x40000 4 3\n{second.id} 0x10000 4 4\n".encode()
+    )
+    # A process file is no directory, and a directory has no contents.
+    with pytest.raises(OSError) as exc:
+        tree.entries(at(tree, "processes/500/regions"))
+    assert exc.value.errno == errno.ENOTDIR
+    with pytest.raises(OSError) as exc:
+        tree.read(at(tree, "processes/500"))
+    assert exc.value.errno == errno.EISDIR
+
+
+def test_the_tree_and_status_import_neither_pyfuse3_nor_trio() -> None:
+    """``cuse-ksm status`` reads these files where pyfuse3 may not be installed."""
+    code = "import sys, cuse_ksm.controltree, cuse_ksm.status; print(sorted({'pyfuse3', 'trio'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
