@@ -28,7 +28,7 @@ class FakeSpace:
         self.tgid = tgid
         self.pages: dict[int, bytes] = {}
         self.gone = False
-        self.closed = False
+        self.closes = 0  # how many times close() was called: an engine closes a space once
         self.reads = 0
         self.fail: BaseException | None = None
 
@@ -45,7 +45,11 @@ class FakeSpace:
             self.pages.pop(addr + i * PAGE_SIZE, None)
 
     def close(self) -> None:
-        self.closed = True
+        self.closes += 1
+
+    @property
+    def closed(self) -> bool:
+        return self.closes > 0
 
     def read_pages(self, addr: int, npages: int, into: mmap.mmap) -> bytes | None:
         if self.fail is not None:
