@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 
 from cuse_ksm.engine import Engine
-from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.trees import PAGE_SIZE
 
 
@@ -78,8 +77,3 @@ def full_scans(engine: Engine, n: int) -> None:
         if not any(not s.gone and s.npages for s in engine.slots):
             break
         engine.scan_now(1 << 40, stop_at_wrap=True)
-
-
-def check_consistency(engine: Engine) -> None:
-    """Every counter recomputed from the reverse-map items, the trees walked (cuse_ksm.engine.check)."""
-    check_engine(engine)

@@ -1,4 +1,4 @@
-"""Faults in the VM (issue 6, part 2): kills inside each ioctl and the hand-out, exits with
+"""Faults in the VM: kills inside each ioctl and the hand-out, exits with
 regions registered, SMA fds inherited across fork, memory unmapped under the scanner, the
 daemon stopped under its clients - and afterwards nothing leaked: fds, threads, memory,
 ptrace attachments back to baseline.

@@ -1,4 +1,4 @@
-"""Random ioctls with real bad pointers on the real /dev/ksm (issue 6, part 1, in the VM).
+"""Random ioctls with real bad pointers on the real /dev/ksm, in the VM.
 
 Hypothesis drives random sequences of ioctls on device and SMA fds - random
 command numbers, the six real ones on the wrong kind of fd, and pointers

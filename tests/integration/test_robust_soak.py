@@ -1,4 +1,4 @@
-"""Load (issue 6, part 3): 64 processes x several SMAs and regions for a sustained minute.
+"""Load in the VM: 64 processes x several SMAs and regions for a sustained minute.
 
 Runs only under ``make soak`` (CUSE_KSM_SOAK=1; CUSE_KSM_SOAK_SECONDS to
 change the minute), never in ``make test``.  The scanner runs throughout

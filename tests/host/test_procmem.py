@@ -9,9 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 from cuse_ksm.engine import Engine
+from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
-from tests.engine.child import Child
-from tests.engine.fakes import check_consistency, full_scans
+from tests.engine.fakes import full_scans
+from tests.host.child import Child
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
 
@@ -62,7 +63,7 @@ def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
         full_scans(engine, 3)
         c = engine.counters()
         assert (c.pages_shared, c.pages_sharing) == (1, 7)  # not 1/23
-        check_consistency(engine)
+        check_engine(engine)
     finally:
         engine.release_sma(next(iter(engine.smas.values())))
 
@@ -149,7 +150,7 @@ def test_identical_pages_across_two_processes(children, n):
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, n - 1)
     assert c.pages_scanned == 2 * n  # the untouched halves were skipped
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
@@ -162,7 +163,7 @@ def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
     a.fill(3, 1, 8)  # a write to a merged page: COW
     full_scans(engine, 1)
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 6)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
@@ -192,12 +193,12 @@ def test_exit_unmap_and_remove_mid_scan(children):
     full_scans(engine, 1)
     cnt = engine.counters()
     assert (cnt.pages_shared, cnt.pages_sharing) == (1, 767)
-    check_consistency(engine)
+    check_engine(engine)
     engine.scan_now(700)
     engine.remove_regions(engine.slots[2].sma)
     cnt = engine.counters()
     assert (cnt.pages_shared, cnt.pages_sharing) == (1, 255)
-    check_consistency(engine)
+    check_engine(engine)
     for sma in list(engine.smas.values()):
         engine.release_sma(sma)
     cnt = engine.counters()

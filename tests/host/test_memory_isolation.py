@@ -1,4 +1,4 @@
-"""Security properties of the memory the engine reads (issue 6, part 4; host, root).
+"""The engine reads the registering caller's memory and no one else's, even after pid reuse (host, root).
 
 * pid reuse: a registered process exits and a new process is forced onto
   its pid (``/proc/sys/kernel/ns_last_pid``), with memory at the very same

@@ -1,4 +1,4 @@
-"""Security in the VM (issue 6, part 4): who may open the node, and whom the hand-out touches.
+"""In the VM: who may open the device node, and which thread the fd hand-out traces.
 
 * With the default options the node is root's, mode 0600: another user
   cannot open it.  With ``--mode 0666`` any user can, and an unprivileged
