@@ -26,8 +26,9 @@ from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.libc import Iovec, process_vm_readv
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory, pidfd_exited
+from tests.conftest import needs_root
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory and sets ns_last_pid")
+pytestmark = needs_root
 
 NPAGES = 16
 FIXED = 0x5A5A_0000_0000  # an address both processes map (MAP_FIXED_NOREPLACE)

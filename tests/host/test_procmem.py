@@ -11,10 +11,11 @@ import pytest
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
+from tests.conftest import needs_root
 from tests.engine.fakes import full_scans
 from tests.host.child import Child
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
+pytestmark = needs_root
 
 
 @pytest.fixture

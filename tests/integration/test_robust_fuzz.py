@@ -25,8 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import DEVICE
-from tests.integration.test_robust_faults import daemon_snapshot, settle_to
+from tests.integration.conftest import DEVICE, daemon_snapshot, settle_to
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]

@@ -1,0 +1,83 @@
+"""What several test modules share.
+
+Test modules do not import each other: what two of them use lives here
+(helpers are imported from ``tests.conftest``; fixtures are found by
+pytest).  Fakes with a subject of their own have modules of their own:
+``tests/fakekernel.py`` (the kernel's side of a CUSE channel),
+``tests/engine/fakes.py`` (in-memory address spaces), ``tests/host/child.py``
+(a process with known memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from cuse_ksm.daemon import Server
+from cuse_ksm.device import KsmDevice
+from cuse_ksm.engine import Engine
+from cuse_ksm.host.procmem import ProcessMemory
+from tests.fakekernel import FakeKernel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- markers ------------------------------------------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: reads other processes' memory")
+needs_fuse = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root (allow_other)"
+)
+
+# -- the daemon over a fake CUSE channel ---------------------------------------------------
+
+
+class Harness:
+    def __init__(self, injector=None):  # type: ignore[no-untyped-def]
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ours.setblocking(False)
+        theirs.setblocking(False)
+        self.kernel = FakeKernel(theirs)
+        self.engine = Engine()
+        self.device = KsmDevice(self.engine, ProcessMemory.open)
+        kwargs = {"injector": injector} if injector else {}
+        self.server = Server(self.ours.fileno(), self.device, devname="ksmtest", dev_dir="/nonexistent", **kwargs)
+
+
+# -- FUSE mounts and commands ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def mount_dir() -> Iterator[str]:
+    """A mount point under a 0755 directory, so that other users can reach it."""
+    parent = tempfile.mkdtemp(prefix="cuse-ksm-test-", dir="/tmp")
+    os.chmod(parent, 0o755)
+    try:
+        yield os.path.join(parent, "ksm")
+    finally:
+        path = os.path.join(parent, "ksm")
+        if is_mounted(path):  # the test failed; do not leave a mount behind
+            subprocess.run(["umount", "-l", path], check=False)
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def is_mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+async def run(*argv: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command in a worker thread (the test's own trio loop may be serving its FUSE mount)."""
+    if user is not None:
+        argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv)
+    return await trio.to_thread.run_sync(
+        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    )
