@@ -1,4 +1,4 @@
-"""What several test modules share.
+"""What several test modules share, and the rule that CI never skips a test.
 
 Test modules do not import each other: what two of them use lives here
 (helpers are imported from ``tests.conftest``; fixtures are found by
@@ -6,6 +6,19 @@ pytest).  Fakes with a subject of their own have modules of their own:
 ``tests/fakekernel.py`` (the kernel's side of a CUSE channel),
 ``tests/engine/fakes.py`` (in-memory address spaces), ``tests/host/child.py``
 (a process with known memory).
+
+Skips under CI
+--------------
+
+Many host tests need root (reading other processes' memory, ptrace,
+ns_last_pid) or ``/dev/fuse`` (the control filesystem), and skip without
+them so that a developer's plain ``pytest`` works.  CI runs as root on a
+machine with FUSE; a skip there means a privilege or a device was lost, and
+every test behind it would pass unseen.  So with ``CI=true`` in the
+environment, any skip fails the run (:func:`pytest_runtest_makereport`),
+unless the test is marked ``@pytest.mark.on_request`` - a test that only
+runs when asked for (the soak test, ``make soak``).  Checked by
+tests/test_ci_skips.py.
 """
 
 from __future__ import annotations
@@ -30,7 +43,33 @@ from tests.fakekernel import FakeKernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# -- markers ------------------------------------------------------------------------------
+# -- skips under CI ---------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "on_request: runs only when asked for (an environment variable); its skip is no lost privilege"
+    )
+
+
+def ci() -> bool:
+    return os.environ.get("CI") == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not (report.skipped and ci()) or hasattr(report, "wasxfail") or item.get_closest_marker("on_request"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    report.outcome = "failed"
+    report.longrepr = (
+        f"skipped under CI=true ({reason}): CI runs as root with /dev/fuse, so this skip "
+        "means the run lost a privilege or a device, and the test would pass unseen"
+    )
+
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: reads other processes' memory")
 needs_fuse = pytest.mark.skipif(
