@@ -29,13 +29,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
-from cuse_ksm.daemon import Server
+from cuse_ksm.daemon import Injector, Server, inject_into_ioctl
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
@@ -57,7 +58,7 @@ def ci() -> bool:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
     if not (report.skipped and ci()) or hasattr(report, "wasxfail") or item.get_closest_marker("on_request"):
@@ -80,15 +81,16 @@ needs_fuse = pytest.mark.skipif(
 
 
 class Harness:
-    def __init__(self, injector=None):  # type: ignore[no-untyped-def]
+    def __init__(self, injector: Injector = inject_into_ioctl) -> None:
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.ours.setblocking(False)
         theirs.setblocking(False)
         self.kernel = FakeKernel(theirs)
         self.engine = Engine()
         self.device = KsmDevice(self.engine, ProcessMemory.open)
-        kwargs = {"injector": injector} if injector else {}
-        self.server = Server(self.ours.fileno(), self.device, devname="ksmtest", dev_dir="/nonexistent", **kwargs)
+        self.server = Server(
+            self.ours.fileno(), self.device, devname="ksmtest", dev_dir="/nonexistent", injector=injector
+        )
 
 
 # -- FUSE mounts and commands ----------------------------------------------------------------

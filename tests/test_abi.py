@@ -67,7 +67,7 @@ int main(void) {{
 
 
 @pytest.fixture(scope="module")
-def header_facts(tmp_path_factory) -> dict[str, str]:
+def header_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """What the C compiler makes of include/linux/ksm.h: {"name": "value"}."""
     tmp = tmp_path_factory.mktemp("abi")
     src, exe = tmp / "probe.c", tmp / "probe"
@@ -79,14 +79,14 @@ def header_facts(tmp_path_factory) -> dict[str, str]:
     return dict(line.rsplit(" ", 1) for line in out.splitlines())
 
 
-def test_every_ioctl_number_is_the_headers(header_facts):
+def test_every_ioctl_number_is_the_headers(header_facts: dict[str, str]) -> None:
     from_c = {int(header_facts[name]): name for name in IOCTLS}
     assert from_c == abi.IOCTL_NAMES
     for name in IOCTLS:
         assert int(header_facts[name]) == getattr(abi, name), name
 
 
-def test_every_constant_is_the_headers(header_facts):
+def test_every_constant_is_the_headers(header_facts: dict[str, str]) -> None:
     assert int(header_facts["KSMIO"]) == abi.KSMIO
     assert int(header_facts["KSM_API_VERSION"]) == abi.KSM_API_VERSION
     assert int(header_facts["ksm_control_flags_run"]) == abi.KSM_CONTROL_FLAGS_RUN
@@ -95,7 +95,9 @@ def test_every_constant_is_the_headers(header_facts):
 @pytest.mark.parametrize(
     ("struct", "cls"), [("ksm_memory_region", abi.MemoryRegion), ("ksm_kthread_info", abi.KthreadInfo)]
 )
-def test_every_struct_has_the_headers_layout(header_facts, struct, cls):
+def test_every_struct_has_the_headers_layout(
+    header_facts: dict[str, str], struct: str, cls: type[abi.MemoryRegion] | type[abi.KthreadInfo]
+) -> None:
     """sizeof, each field's offset and size, and the very bytes of a struct with every field set."""
     fields = FIELDS[struct]
     assert int(header_facts[f"sizeof {struct}"]) == abi.STRUCT_SIZE == cls.FORMAT.size
@@ -110,7 +112,7 @@ def test_every_struct_has_the_headers_layout(header_facts, struct, cls):
         assert cls.unpack(packed) == cls(**{f: MARKS[f] for f in fields})
 
 
-def test_ioctl_numbers_are_the_x86_64_values():
+def test_ioctl_numbers_are_the_x86_64_values() -> None:
     assert abi.KSM_GET_API_VERSION == 0xAB00
     assert abi.KSM_CREATE_SHARED_MEMORY_AREA == 0xAB01
     assert abi.KSM_START_STOP_KTHREAD == 0x4018AB02
@@ -119,7 +121,7 @@ def test_ioctl_numbers_are_the_x86_64_values():
     assert abi.KSM_REMOVE_MEMORY_REGION == 0xAB21
 
 
-def test_structs_are_24_bytes_little_endian():
+def test_structs_are_24_bytes_little_endian() -> None:
     region = abi.MemoryRegion(npages=3, addr=0x7F00_0000_1000, pad=0xDEADBEEF, reserved_bits=0x1122334455667788)
     raw = region.pack()
     assert len(raw) == 24
@@ -131,7 +133,7 @@ def test_structs_are_24_bytes_little_endian():
     assert info.pack()[8:12] == (1).to_bytes(4, "little")
 
 
-def test_header_is_our_own_text():
+def test_header_is_our_own_text() -> None:
     """Provenance, not layout (the tests above check that): the header says it was written for cuse-ksm."""
     text = (HEADER / "linux" / "ksm.h").read_text()
     assert re.search(r"cuse-ksm", text)

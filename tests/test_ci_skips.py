@@ -59,7 +59,7 @@ def pytest_run(args: list[str], plugin_dir: Path, ci: str | None, cwd: Path = RO
     return proc.returncode, counts, proc.stdout
 
 
-def test_a_lost_privilege_fails_the_ci_run(tmp_path):
+def test_a_lost_privilege_fails_the_ci_run(tmp_path: Path) -> None:
     (tmp_path / "as_nobody.py").write_text(AS_NOBODY)
     args = ["-p", "as_nobody", *PRIVILEGED]
 
@@ -80,7 +80,7 @@ def test_a_lost_privilege_fails_the_ci_run(tmp_path):
     assert sum("needs /dev/fuse and root" in line for line in summary) == 8, out
 
 
-def test_tests_run_on_request_and_xfails_keep_their_outcome_under_ci(tmp_path):
+def test_tests_run_on_request_and_xfails_keep_their_outcome_under_ci(tmp_path: Path) -> None:
     (tmp_path / "test_sample.py").write_text(
         "import pytest\n"
         "\n"

@@ -15,7 +15,9 @@ import errno
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
@@ -169,6 +171,8 @@ class Driver2009:
         return [s for s in self.files.values() if s is not None and s.alive]
 
 
+Op = tuple[Any, ...]  # ("open",), ("release", index), ("create", mode), ("garbage", bytes), ("ioctl", ...)
+
 # How the fd hand-out of a CREATE ends: fd delivered; the caller already
 # traced (nothing happened); the caller killed before its open arrived; the
 # caller killed after it (its file exists but the SMA is gone).
@@ -185,9 +189,9 @@ fh_index = st.sampled_from([0, 0, 0, 1, 1, 1, 2, 2, 3, 12])
 
 
 @st.composite
-def operations(draw: st.DrawFn) -> list[tuple]:
+def operations(draw: st.DrawFn) -> list[Op]:
     # Mostly start with a device file and an SMA, so that most ioctls reach a file.
-    ops: list[tuple] = [("open",), ("create", "ok")][: draw(st.sampled_from([0, 1, 2, 2]))]
+    ops: list[Op] = [("open",), ("create", "ok")][: draw(st.sampled_from([0, 1, 2, 2]))]
     for _ in range(draw(st.integers(1, 25))):
         kind = draw(st.sampled_from(["open", "release", "ioctl", "ioctl", "ioctl", "create", "garbage"]))
         if kind == "ioctl":
@@ -212,7 +216,7 @@ def operations(draw: st.DrawFn) -> list[tuple]:
     return ops
 
 
-def run_scenario(ops: list[tuple]) -> None:
+def run_scenario(ops: list[Op]) -> None:
     async def main() -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours.setblocking(False)
@@ -226,7 +230,7 @@ def run_scenario(ops: list[tuple]) -> None:
         handouts: list[tuple[int, bytes, int]] = []  # what the injector was asked to do
         opened: list[int] = []  # fh of each open the injector made in its caller
 
-        async def injector(tid, path, flags, reply):
+        async def injector(tid: int, path: bytes, flags: int, reply: Callable[[], None]) -> int:
             handouts.append((tid, path, flags))
             if mode[0] == "busy":
                 raise HandoutError(errno.EBUSY, "already traced")
@@ -342,23 +346,23 @@ def run_scenario(ops: list[tuple]) -> None:
 
 @FUZZ
 @given(operations())
-def test_random_request_sequences_get_the_2009_drivers_answers(ops):
+def test_random_request_sequences_get_the_2009_drivers_answers(ops: list[Op]) -> None:
     run_scenario(ops)
 
 
 @pytest.mark.parametrize("mode", HANDOUT_MODES)
-def test_each_handout_outcome(mode):
+def test_each_handout_outcome(mode: str) -> None:
     """Every way a CREATE ends, then every command on the file it left behind (the fuzz may miss one)."""
-    ops: list[tuple] = [("create", mode)]
+    ops: list[Op] = [("create", mode)]
     for cmd in KNOWN:
         ops.append(("ioctl", 0, cmd, bytes(range(24)), "caller", False))
     ops += [("ioctl", 0, REGISTER, bytes(24), "caller", False), ("release", 0)]
     run_scenario(ops)
 
 
-def test_every_command_on_every_kind_of_file():
+def test_every_command_on_every_kind_of_file() -> None:
     """A fixed sweep: device and SMA files, good and bad pointers, each caller, 64-bit and 32-bit."""
-    ops: list[tuple] = [("open",), ("create", "ok"), ("create", "killed_after_open")]
+    ops: list[Op] = [("open",), ("create", "ok"), ("create", "killed_after_open")]
     start = struct.pack("<III", 7, 0, 1) + bytes(12)  # run with no pages: the +1 quirk
     for index in range(4):
         for cmd in [*KNOWN, 0xAB7F, ioc(2, 3, 24)]:
@@ -391,8 +395,13 @@ def expected(opcode: int, body: bytes, size: int) -> p.Request | str:
         return p.Unsupported(UNIQUE, PID, opcode)
     if len(body) < need:
         return rf"opcode {opcode}: body of {len(body)} bytes, needs {need}"
-    u32 = lambda off: int.from_bytes(body[off : off + 4], "little")  # noqa: E731
-    u64 = lambda off: int.from_bytes(body[off : off + 8], "little")  # noqa: E731
+
+    def u32(off: int) -> int:
+        return int.from_bytes(body[off : off + 4], "little")
+
+    def u64(off: int) -> int:
+        return int.from_bytes(body[off : off + 8], "little")
+
     if opcode == 39:
         if u32(24) != len(body) - 32:
             return rf"ioctl announces {u32(24)} bytes of input, carries {len(body) - 32}"
@@ -400,14 +409,17 @@ def expected(opcode: int, body: bytes, size: int) -> p.Request | str:
         return p.Ioctl(
             UNIQUE, PID, fh=u64(0), cmd=u32(12), arg=u64(16), out_size=u32(28), in_data=body[32:], is_32bit=compat
         )
-    return {
-        14: lambda: p.Open(UNIQUE, PID, flags=u32(0)),
-        18: lambda: p.Release(UNIQUE, PID, fh=u64(0), flags=u32(8)),
-        25: lambda: p.Flush(UNIQUE, PID, fh=u64(0)),
-        36: lambda: p.Interrupt(UNIQUE, PID, target=u64(0)),
-        4096: lambda: p.CuseInit(UNIQUE, PID, major=u32(0), minor=u32(4), flags=u32(12)),
-        38: lambda: p.Destroy(UNIQUE, PID),
-    }[opcode]()
+    if opcode == 14:
+        return p.Open(UNIQUE, PID, flags=u32(0))
+    if opcode == 18:
+        return p.Release(UNIQUE, PID, fh=u64(0), flags=u32(8))
+    if opcode == 25:
+        return p.Flush(UNIQUE, PID, fh=u64(0))
+    if opcode == 36:
+        return p.Interrupt(UNIQUE, PID, target=u64(0))
+    if opcode == 4096:
+        return p.CuseInit(UNIQUE, PID, major=u32(0), minor=u32(4), flags=u32(12))
+    return p.Destroy(UNIQUE, PID)
 
 
 @st.composite
@@ -422,7 +434,7 @@ def request_parts(draw: st.DrawFn) -> tuple[int, bytes, int]:
 
 @FUZZ
 @given(request_parts())
-def test_codec_handles_truncated_oversized_and_unknown(parts):
+def test_codec_handles_truncated_oversized_and_unknown(parts: tuple[int, bytes, int]) -> None:
     """Well-formed headers around bodies of any size, cut or padded: the exact request or the exact error."""
     opcode, body, skew = parts
     raw = request(opcode, body)
@@ -437,7 +449,7 @@ def test_codec_handles_truncated_oversized_and_unknown(parts):
 
 @FUZZ
 @given(st.binary(max_size=300))
-def test_codec_never_raises_anything_but_protocol_error(data):
+def test_codec_never_raises_anything_but_protocol_error(data: bytes) -> None:
     try:
         request = p.parse_request(data)
     except p.ProtocolError:
@@ -446,7 +458,7 @@ def test_codec_never_raises_anything_but_protocol_error(data):
     assert request.unique == struct.unpack_from("<Q", data, 8)[0]
 
 
-def test_every_codec_error_class_occurs():
+def test_every_codec_error_class_occurs() -> None:
     """Each class of malformed input above has one fixed example, so none depends on the fuzzer's luck."""
     ioctl_body = struct.pack("<QIIQII", 5, 0, GET_API_VERSION, 0, 3, 0) + b"abc"
     cases = [
@@ -466,7 +478,7 @@ def test_every_codec_error_class_occurs():
 
 
 @pytest.mark.parametrize("opcode", sorted(BODY))
-def test_each_request_decodes_every_field(opcode):
+def test_each_request_decodes_every_field(opcode: int) -> None:
     """A body of distinct bytes, so that a field read from the wrong place shows."""
     body = bytearray(range(1, BODY[opcode] + 1))
     if opcode == 39:
@@ -476,7 +488,7 @@ def test_each_request_decodes_every_field(opcode):
 
 
 @pytest.mark.parametrize(("flags", "is_32bit"), [(0, False), (1, True), (8, True), (9, True), (2 | 4 | 16, False)])
-def test_an_ioctl_is_32bit_when_either_compat_flag_is_set(flags, is_32bit):
+def test_an_ioctl_is_32bit_when_either_compat_flag_is_set(flags: int, is_32bit: bool) -> None:
     body = struct.pack("<QIIQII", 5, flags, GET_API_VERSION, 0, 0, 0)
     decoded = p.parse_request(request(39, body))
     assert isinstance(decoded, p.Ioctl) and decoded.is_32bit is is_32bit
