@@ -1,8 +1,8 @@
 """Property-based fuzzing of the wire codec and of every ioctl through the real request loop.
 
 Each ioctl's answer is compared with :class:`Driver2009`, a model of the 2009
-driver written here from its description (the header's numbers, the quirks
-listed in README "Quirks") and not from ``cuse_ksm/device.py``: the exact
+driver written here from its description (the header's numbers and the
+quirks, listed in its docstring) and not from ``cuse_ksm/device.py``: the exact
 result and the exact bytes copied out, for every command on every kind of
 file in every state.  Garbage on the channel gets no reply, and after every
 step the files, SMAs and regions are those the model expects and the engine

@@ -99,7 +99,7 @@ def spawn_on_pid(pid: int, byte: int, procs: list[subprocess.Popen[str]]) -> sub
     return None
 
 
-def test_pid_reuse_never_redirects_the_scanner(procs):
+def test_pid_reuse_never_redirects_the_scanner(procs: list[subprocess.Popen[str]]) -> None:
     try:
         with open(NS_LAST_PID, "r+") as f:
             f.write(f.read())
@@ -143,7 +143,7 @@ def test_pid_reuse_never_redirects_the_scanner(procs):
     assert space.closed
 
 
-def test_register_reads_the_callers_memory_never_the_daemons(procs):
+def test_register_reads_the_callers_memory_never_the_daemons(procs: list[subprocess.Popen[str]]) -> None:
     """The address is resolved in the caller's address space, whatever the daemon has there."""
     mine = mmap.mmap(-1, NPAGES * PAGE_SIZE)  # the "daemon's" secret, duplicated pages
     mine.write(b"\x33" * (NPAGES * PAGE_SIZE))

@@ -94,7 +94,9 @@ def start_daemon(name: str, *options: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
+    # A daemon starts in seconds, but in a loaded VM under software emulation
+    # (the first one needs 15 s there) 30 s has proved too short.
+    deadline = time.monotonic() + 60
     while not os.path.exists(f"/dev/{name}"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
