@@ -6,17 +6,14 @@ hold is tested without FUSE in tests/test_controltree.py.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pyfuse3
@@ -26,10 +23,8 @@ import trio
 from cuse_ksm import abi, controlfs, controltree
 from cuse_ksm.controltree import ControlTree
 from cuse_ksm.engine import Engine
+from tests.conftest import BAD_WRITES, READ_ONLY, ROOT, get_info, is_mounted, kthread_ioctl, mount_dir, needs_fuse, run
 from tests.engine.fakes import FakeSpace, page, unique_page
-from tests.test_controltree import BAD_WRITES, READ_ONLY, get_info, kthread_ioctl
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_trees_root_is_fuses() -> None:
@@ -37,30 +32,6 @@ def test_the_trees_root_is_fuses() -> None:
 
 
 # -- a real mount --------------------------------------------------------------------
-
-needs_fuse = pytest.mark.skipif(
-    not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root (allow_other)"
-)
-
-
-@contextlib.contextmanager
-def mount_dir() -> Iterator[str]:
-    """A mount point under a 0755 directory, so that other users can reach it."""
-    parent = tempfile.mkdtemp(prefix="cuse-ksm-test-", dir="/tmp")
-    os.chmod(parent, 0o755)
-    try:
-        yield os.path.join(parent, "ksm")
-    finally:
-        path = os.path.join(parent, "ksm")
-        if is_mounted(path):  # the test failed; do not leave a mount behind
-            subprocess.run(["umount", "-l", path], check=False)
-        shutil.rmtree(parent, ignore_errors=True)
-
-
-def is_mounted(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == path for line in f)
-
 
 # Every access to a mounted path goes through a worker thread: the FUSE server
 # runs in the test's own trio loop, so a blocking call in the loop's thread
@@ -89,14 +60,6 @@ async def write(path: str, data: bytes) -> int:
         return 0
 
     return await trio.to_thread.run_sync(go)
-
-
-async def run(*argv: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
-    if user is not None:
-        argv = ("setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv)
-    return await trio.to_thread.run_sync(
-        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
-    )
 
 
 async def wait_for(path: str, want: str, seconds: float = 10) -> None:

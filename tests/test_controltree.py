@@ -17,26 +17,10 @@ from hypothesis import strategies as st
 
 from cuse_ksm import abi, controltree
 from cuse_ksm.controltree import PROCESSES_INODE, ROOT_INODE, ControlTree, read_value, write_value
-from cuse_ksm.device import Done, KsmDevice
+from cuse_ksm.device import Done
 from cuse_ksm.engine import Engine
+from tests.conftest import BAD_WRITES, READ_ONLY, get_info, kthread_ioctl
 from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
-
-READ_ONLY = [v.name for v in controltree.VALUES if not v.writable]
-
-
-def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
-    dev = KsmDevice(engine, FakeSpace)
-    fh = dev.open(1).fh
-    out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
-    assert isinstance(out, Done)
-    return out
-
-
-def get_info(engine: Engine) -> abi.KthreadInfo:
-    dev = KsmDevice(engine, FakeSpace)
-    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
-    assert isinstance(out, Done)
-    return abi.KthreadInfo.unpack(out.out)
 
 
 def test_the_files_and_which_of_them_are_writable() -> None:
@@ -106,26 +90,6 @@ def test_run_with_no_pages_to_scan_is_stored_unlike_the_ioctl_quirk() -> None:
     # The file: stored, as later kernels do; the scanner still has nothing to do.
     write_value(e, "run", b"1\n")
     assert get_info(e) == abi.KthreadInfo(sleep=0, pages_to_scan=0, flags=1)
-
-
-BAD_WRITES = [
-    ("run", b"2\n"),  # later kernels' unmerge: not in the 2009 driver
-    ("run", b"-1\n"),
-    ("run", b"yes\n"),
-    ("run", b""),
-    ("run", b"\n"),
-    ("run", b"1 1\n"),
-    ("run", b"0x1\n"),
-    ("run", b"+1\n"),
-    ("sleep", b"4294967296\n"),  # 2**32: not a __u32
-    ("sleep", b"1.5\n"),
-    ("sleep_millisecs", b"4294968\n"),  # * 1000 > 2**32 - 1
-    ("pages_to_scan", b"4294967296\n"),
-    ("pages_to_scan", b"10 pages\n"),
-    ("max_kernel_pages", b"18446744073709551616\n"),  # 2**64
-    ("max_kernel_pages", b"1" * 100),
-    ("pages_to_scan", "\u0663\n".encode()),  # an Arabic-Indic three: a digit to str.isdigit, not to us
-]
 
 
 @pytest.mark.parametrize(("name", "data"), BAD_WRITES)

@@ -1,22 +1,13 @@
 """The ioctl table of the 2009 driver, quirks included, at the device layer."""
 
 import errno
-from dataclasses import dataclass, field
 
 import pytest
 
 from cuse_ksm import abi
 from cuse_ksm.device import Done, Fetch, HandOut, KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
-
-
-@dataclass(eq=False)
-class FakeSpace:
-    tgid: int
-    closed: list = field(default_factory=list)
-
-    def close(self):
-        self.closed.append(True)
+from tests.engine.fakes import FakeSpace
 
 
 class Spaces:
@@ -142,7 +133,7 @@ def test_remove_drops_every_region_of_that_sma_only(dev, spaces):
     assert dev.ioctl(fh_a, abi.KSM_REMOVE_MEMORY_REGION, 1, b"") == Done(0)
     assert sma_a.slots == [] and len(sma_b.slots) == 1
     assert dev.engine.slots == sma_b.slots
-    assert sum(len(s.closed) for s in spaces.opened) == 3  # the removed regions' handles are closed
+    assert sum(s.closes for s in spaces.opened) == 3  # the removed regions' handles are closed
     # REMOVE on an empty SMA is fine, and the SMA stays usable.
     assert dev.ioctl(fh_a, abi.KSM_REMOVE_MEMORY_REGION, 1, b"") == Done(0)
     assert dev.ioctl(fh_a, abi.KSM_REGISTER_MEMORY_REGION, 1, region(1, 0x1000)) == Done(0)

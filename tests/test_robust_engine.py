@@ -1,4 +1,4 @@
-"""Fuzz the engine over real memory, with a full state walk after every step (issue 6, part 1).
+"""Fuzz the engine over real memory, with a full state walk after every step.
 
 Random sequences of SMA creation, REGISTER with hostile arguments (npages 0
 and 2**32-1, unaligned, NULL, kernel, unmapped and overlapping addresses,
@@ -28,7 +28,7 @@ from cuse_ksm.engine import Engine, KsmPage
 from cuse_ksm.engine.check import EngineInconsistent, check_engine, problems
 from cuse_ksm.engine.trees import MERGED
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
-from tests.engine.child import Child
+from tests.host.child import Child
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
 

@@ -2,7 +2,6 @@
 
 import errno
 import os
-import socket
 import struct
 
 import pytest
@@ -10,24 +9,9 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm import protocol as p
-from cuse_ksm.daemon import READ_BURST, Server
-from cuse_ksm.device import KsmDevice
-from cuse_ksm.engine import Engine
-from cuse_ksm.host.procmem import ProcessMemory
+from cuse_ksm.daemon import READ_BURST
 from cuse_ksm.host.ptrace import HandoutError
-from tests.fakekernel import FakeKernel
-
-
-class Harness:
-    def __init__(self, injector=None):
-        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ours.setblocking(False)
-        theirs.setblocking(False)
-        self.kernel = FakeKernel(theirs)
-        self.engine = Engine()
-        self.device = KsmDevice(self.engine, ProcessMemory.open)
-        kwargs = {"injector": injector} if injector else {}
-        self.server = Server(self.ours.fileno(), self.device, devname="ksmtest", dev_dir="/nonexistent", **kwargs)
+from tests.conftest import Harness
 
 
 @pytest.fixture

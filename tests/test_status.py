@@ -11,8 +11,8 @@ import trio
 
 from cuse_ksm import controlfs, status
 from cuse_ksm.engine import Engine
+from tests.conftest import ROOT, mount_dir, needs_fuse, run
 from tests.engine.fakes import FakeSpace, page
-from tests.test_controlfs import ROOT, mount_dir, needs_fuse, run
 
 VALUES = {
     "run": 1,

@@ -12,7 +12,7 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm import protocol as p
-from tests.test_server import Harness
+from tests.conftest import Harness
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import mmap
 
 from cuse_ksm.engine import Engine
-from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.trees import PAGE_SIZE
 
 
@@ -28,7 +27,7 @@ class FakeSpace:
         self.tgid = tgid
         self.pages: dict[int, bytes] = {}
         self.gone = False
-        self.closed = False
+        self.closes = 0  # how many times close() was called: an engine closes a space once
         self.reads = 0
         self.fail: BaseException | None = None
 
@@ -45,7 +44,11 @@ class FakeSpace:
             self.pages.pop(addr + i * PAGE_SIZE, None)
 
     def close(self) -> None:
-        self.closed = True
+        self.closes += 1
+
+    @property
+    def closed(self) -> bool:
+        return self.closes > 0
 
     def read_pages(self, addr: int, npages: int, into: mmap.mmap) -> bytes | None:
         if self.fail is not None:
@@ -74,8 +77,3 @@ def full_scans(engine: Engine, n: int) -> None:
         if not any(not s.gone and s.npages for s in engine.slots):
             break
         engine.scan_now(1 << 40, stop_at_wrap=True)
-
-
-def check_consistency(engine: Engine) -> None:
-    """Every counter recomputed from the reverse-map items, the trees walked (cuse_ksm.engine.check)."""
-    check_engine(engine)

@@ -1,4 +1,4 @@
-"""The scanner's algorithm (SPEC section 3) and counters (section 4), on in-memory spaces."""
+"""The scanner's algorithm (stable tree, checksum gate, unstable tree, two passes to merge) and counters, in memory."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import random
 import pytest
 
 from cuse_ksm.engine import Engine, Slot, StableTree, UnstableTree
+from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.trees import ITEM, MERGED, PAGE_SIZE, UNSTABLE
-from tests.engine.fakes import FakeSpace, check_consistency, full_scans, page, unique_page
+from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
 
 A = 0x7F00_0000_0000
 B = 0x7E00_0000_0000
@@ -38,7 +39,7 @@ def test_identical_pages_across_two_processes_merge_after_two_full_scans(n):
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (0, 0)
     assert c.pages_volatile == n + 10  # every page seen once: items, in no tree
-    check_consistency(engine)
+    check_engine(engine)
     full_scans(engine, 1)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, n - 1)
@@ -46,12 +47,12 @@ def test_identical_pages_across_two_processes_merge_after_two_full_scans(n):
     assert c.pages_volatile == 0
     assert c.full_scans == 2
     assert c.pages_scanned == 2 * (n + 10)
-    check_consistency(engine)
+    check_engine(engine)
     # Steady state: further passes change nothing.
     full_scans(engine, 3)
     c2 = engine.counters()
     assert (c2.pages_shared, c2.pages_sharing, c2.pages_unshared) == (1, n - 1, 10)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_merge_needs_two_passes_even_within_one_process():
@@ -67,7 +68,7 @@ def test_unique_pages_are_never_merged():
     full_scans(engine, 4)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == (0, 0, 607, 0)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_pages_equal_but_for_the_last_8_bytes_are_never_merged():
@@ -95,7 +96,7 @@ def test_a_page_written_between_passes_is_volatile_and_not_merged():
     full_scans(engine, 1)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, 1)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_a_page_that_keeps_changing_is_never_merged():
@@ -117,13 +118,13 @@ def test_a_merged_page_then_written_is_unshared_on_the_next_pass():
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, 2)
     assert slots[1].pages_merged == 0 and slots[0].pages_merged == 3
-    check_consistency(engine)
+    check_engine(engine)
     # Written with the shared content again: it is a new page and rejoins
     # through the stable tree on its next sight.
     spaces[1].write(B, page(5))
     full_scans(engine, 1)
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 3)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_the_shared_page_is_freed_when_its_last_sharer_leaves():
@@ -138,7 +139,7 @@ def test_the_shared_page_is_freed_when_its_last_sharer_leaves():
     full_scans(engine, 1)
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (0, 0)
     assert len(engine.stable) == 0 and not engine.stable.by_checksum
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_stable_tree_first_a_new_page_equal_to_a_shared_page_merges_in_one_pass():
@@ -160,12 +161,12 @@ def test_max_kernel_pages_caps_the_shared_pages():
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (4, 4)
     assert c.max_kernel_pages == 4
-    check_consistency(engine)
+    check_engine(engine)
     engine.max_kernel_pages = 0  # unlimited
     full_scans(engine, 2)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (10, 10)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_max_kernel_pages_does_not_stop_sharers_joining_existing_shared_pages():
@@ -188,7 +189,7 @@ def test_not_present_pages_are_skipped_and_unmapping_drops_their_items():
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, 3)
     assert slots[1].pages_merged == 0 and not any(slots[1].chunks[0].state)
-    check_consistency(engine)
+    check_engine(engine)
     spaces[0].unmap(A, 8)
     full_scans(engine, 1)
     c = engine.counters()
@@ -206,7 +207,7 @@ def test_process_exit_drops_its_pages_counters_return_to_what_remains():
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (1, 2, 1)
     assert slots[1].gone and engine.slots == slots  # still registered until REMOVE
-    check_consistency(engine)
+    check_engine(engine)
     engine.release_sma(slots[1].sma)
     assert spaces[0].closed and spaces[1].closed
     c = engine.counters()
@@ -229,9 +230,9 @@ def test_remove_mid_scan():
     assert s1.closed
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, 599)
-    check_consistency(engine)
+    check_engine(engine)
     engine.scan_now(700)
-    check_consistency(engine)
+    check_engine(engine)
     engine.release_sma(sma2)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == (0, 0, 0, 0)
@@ -251,7 +252,7 @@ def test_remove_empties_the_unstable_tree():
     assert len(engine.unstable) == 0
     # The items stay unshared (counted) until rescanned, as in later kernels.
     assert engine.counters().pages_unshared == 10
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_cursor_survives_slots_added_and_removed_mid_pass():
@@ -372,10 +373,10 @@ def test_random_workload_keeps_counters_consistent():
             space.gone = True
         engine.scan_now(rng.randrange(1, 400))
         if step % 25 == 0:
-            check_consistency(engine)
+            check_engine(engine)
         if step == 150:
             engine.max_kernel_pages = 0
-    check_consistency(engine)
+    check_engine(engine)
     for sma in smas:
         engine.release_sma(sma)
     c = engine.counters()
@@ -395,7 +396,7 @@ def test_unstable_tree_grows_mid_pass(monkeypatch):
     full_scans(engine, 1)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (1, 22, 2200)
-    check_consistency(engine)
+    check_engine(engine)
 
 
 def test_merged_pages_per_process():

@@ -8,7 +8,8 @@ import trio.testing
 from cuse_ksm import abi
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine, core
-from tests.engine.fakes import FakeSpace, check_consistency, page
+from cuse_ksm.engine.check import check_engine
+from tests.engine.fakes import FakeSpace, page
 
 A = 0x7F00_0000_0000
 
@@ -37,7 +38,7 @@ async def test_idle_until_started_then_scans_then_stops(autojump_clock):
         await trio.sleep(1)
         assert engine.counters().pages_scanned == scanned
         nursery.cancel_scope.cancel()
-    check_consistency(engine)
+    check_engine(engine)
 
 
 async def test_pages_to_scan_pages_then_sleep(autojump_clock):

@@ -6,13 +6,17 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 C_BIN = ROOT / "tests" / "c" / "bin"
+ROBUST = ROOT / "tests" / "robust"
+ROBUST_BIN = ROBUST / "bin"
 DEVICE = os.environ.get("CUSE_KSM_DEVICE", "/dev/ksm")
 
 sys.path.insert(0, str(ROOT / "examples"))
@@ -72,3 +76,108 @@ def run_c(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
     if not exe.exists():
         subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "c")], check=True)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+
+# -- a second daemon ------------------------------------------------------------------------
+
+# Options for a daemon started beside the VM's main one when the test needs
+# no control files of its own: the main daemon keeps /run/cuse-ksm/ksm, and
+# only warnings reach the test's output.
+SECOND_DAEMON = ("--no-stats-dir", "--log-level", "warning")
+
+
+def start_daemon(name: str, *options: str) -> subprocess.Popen[str]:
+    """A daemon serving /dev/<name>, returned once the node is there."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cuse_ksm", "--name", name, *options],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # A daemon starts in seconds, but in a loaded VM under software emulation
+    # (the first one needs 15 s there) 30 s has proved too short.
+    deadline = time.monotonic() + 60
+    while not os.path.exists(f"/dev/{name}"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"/dev/{name} did not appear: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    return proc
+
+
+# -- the daemon's resources, before and after ---------------------------------------------
+
+# The daemon's memory may grow a little (allocator, caches); a leak per call
+# over hundreds of calls would exceed this.
+RSS_SLACK_KIB = 32 * 1024
+
+
+def build_robust() -> None:
+    """Build tests/robust (the C clients the robustness tests drive)."""
+    subprocess.run(["make", "-s", "-C", str(ROBUST)], check=True)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    fds: int
+    threads: int
+    rss_kib: int
+    traced: tuple[int, ...]  # processes the daemon is attached to
+
+
+def traced_by(pid: int) -> tuple[int, ...]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for task in os.listdir(f"/proc/{entry}/task"):
+                with open(f"/proc/{entry}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith("TracerPid:") and int(line.split()[1]) == pid:
+                            out.append(int(task))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return tuple(out)
+
+
+def daemon_snapshot(pid: int) -> Snapshot:
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return Snapshot(
+        fds=len(os.listdir(f"/proc/{pid}/fd")),
+        threads=len(os.listdir(f"/proc/{pid}/task")),
+        rss_kib=rss,
+        traced=traced_by(pid),
+    )
+
+
+def settle_to(pid: int, before: Snapshot, timeout: float = 15) -> Snapshot:
+    """Wait until the daemon is back to ``before`` (releases are asynchronous), then check."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = daemon_snapshot(pid)
+        back = (now.fds, now.threads, now.traced) == (before.fds, before.threads, ())
+        if back or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert os.path.exists(f"/proc/{pid}"), "the daemon died"
+    assert now.fds == before.fds, f"daemon fds {before.fds} -> {now.fds}"
+    assert now.threads == before.threads, f"daemon threads {before.threads} -> {now.threads}"
+    assert now.traced == (), f"the daemon is still attached to {now.traced}"
+    assert now.rss_kib - before.rss_kib < RSS_SLACK_KIB, f"daemon RSS {before.rss_kib} -> {now.rss_kib} KiB"
+    return now
+
+
+def status_field(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from pyksm import Ksm
 
-from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c
-from tests.integration.test_daemon_options import start_daemon
+from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c, start_daemon
 
 STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))
 NPAGES = 64

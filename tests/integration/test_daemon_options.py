@@ -3,29 +3,11 @@
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.integration.conftest import ROOT
-
-
-def start_daemon(name: str, *args: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cuse_ksm", "--name", name, *args],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not os.path.exists(f"/dev/{name}"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"/dev/{name} did not appear: {proc.communicate()[1]}")
-        time.sleep(0.05)
-    return proc
+from tests.integration.conftest import start_daemon
 
 
 def wait_for_access(path: str, mode: int, gid: int) -> os.stat_result:

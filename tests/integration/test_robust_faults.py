@@ -1,4 +1,4 @@
-"""Faults in the VM (issue 6, part 2): kills inside each ioctl and the hand-out, exits with
+"""Faults in the VM: kills inside each ioctl and the hand-out, exits with
 regions registered, SMA fds inherited across fork, memory unmapped under the scanner, the
 daemon stopped under its clients - and afterwards nothing leaked: fds, threads, memory,
 ptrace attachments back to baseline.
@@ -11,80 +11,23 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import DEVICE, ROOT
+from tests.integration.conftest import (
+    DEVICE,
+    ROBUST_BIN,
+    SECOND_DAEMON,
+    build_robust,
+    daemon_snapshot,
+    settle_to,
+    start_daemon,
+    status_field,
+)
 
-ROBUST = ROOT / "tests" / "robust"
-BIN = ROBUST / "bin"
 STATS = Path("/run/cuse-ksm/ksm")
-# The daemon's memory may grow a little (allocator, caches); a leak per call
-# over hundreds of calls would exceed this.
-RSS_SLACK_KIB = 32 * 1024
-
-
-def build() -> None:
-    subprocess.run(["make", "-s", "-C", str(ROBUST)], check=True)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    fds: int
-    threads: int
-    rss_kib: int
-    traced: tuple[int, ...]  # processes the daemon is attached to
-
-
-def traced_by(pid: int) -> tuple[int, ...]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            for task in os.listdir(f"/proc/{entry}/task"):
-                with open(f"/proc/{entry}/task/{task}/status") as f:
-                    for line in f:
-                        if line.startswith("TracerPid:") and int(line.split()[1]) == pid:
-                            out.append(int(task))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return tuple(out)
-
-
-def daemon_snapshot(pid: int) -> Snapshot:
-    rss = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return Snapshot(
-        fds=len(os.listdir(f"/proc/{pid}/fd")),
-        threads=len(os.listdir(f"/proc/{pid}/task")),
-        rss_kib=rss,
-        traced=traced_by(pid),
-    )
-
-
-def settle_to(pid: int, before: Snapshot, timeout: float = 15) -> Snapshot:
-    """Wait until the daemon is back to ``before`` (releases are asynchronous), then check."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = daemon_snapshot(pid)
-        back = (now.fds, now.threads, now.traced) == (before.fds, before.threads, ())
-        if back or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert os.path.exists(f"/proc/{pid}"), "the daemon died"
-    assert now.fds == before.fds, f"daemon fds {before.fds} -> {now.fds}"
-    assert now.threads == before.threads, f"daemon threads {before.threads} -> {now.threads}"
-    assert now.traced == (), f"the daemon is still attached to {now.traced}"
-    assert now.rss_kib - before.rss_kib < RSS_SLACK_KIB, f"daemon RSS {before.rss_kib} -> {now.rss_kib} KiB"
-    return now
 
 
 def read_stat(name: str) -> int:
@@ -99,23 +42,12 @@ def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
         time.sleep(0.05)
 
 
-def status_field(pid: int, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
 class Client:
     """tests/robust/ksm_client, one command per line."""
 
     def __init__(self, device: str = DEVICE) -> None:
         self.proc = subprocess.Popen(
-            [str(BIN / "ksm_client"), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [str(ROBUST_BIN / "ksm_client"), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         first = self.readline()
         assert first.startswith("ok pid"), first
@@ -147,7 +79,7 @@ class Client:
 
 @pytest.fixture(scope="module", autouse=True)
 def _built() -> None:
-    build()
+    build_robust()
 
 
 @pytest.fixture
@@ -168,7 +100,8 @@ def test_killed_inside_each_ioctl(op, daemon_pid):
     rng = random.Random(hash(op) & 0xFFFF)
     for _ in range(6):
         procs = [
-            subprocess.Popen([str(BIN / "ksm_loop"), DEVICE, op], stdout=subprocess.PIPE, text=True) for _ in range(3)
+            subprocess.Popen([str(ROBUST_BIN / "ksm_loop"), DEVICE, op], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
         ]
         for p in procs:
             assert p.stdout is not None and p.stdout.readline() == "ready\n"
@@ -188,7 +121,7 @@ def test_killed_in_the_middle_of_the_handout(daemon_pid):
     before = daemon_snapshot(daemon_pid)
     hits = 0
     for _ in range(40):
-        p = subprocess.Popen([str(BIN / "ksm_loop"), DEVICE, "create"], stdout=subprocess.PIPE, text=True)
+        p = subprocess.Popen([str(ROBUST_BIN / "ksm_loop"), DEVICE, "create"], stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None and p.stdout.readline() == "ready\n"
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -270,21 +203,9 @@ def test_region_unmapped_and_remapped_under_the_scanner(daemon_pid, scanner):
     settle_to(daemon_pid, before)
 
 
-def start_daemon(name: str, *options: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cuse_ksm", "--name", name, "--no-stats-dir", "--log-level", "warning", *options],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for(lambda: os.path.exists(f"/dev/{name}") or proc.poll() is not None, what=f"/dev/{name}")
-    assert proc.poll() is None, proc.communicate()[1]
-    return proc
-
-
 def test_daemon_stopped_under_its_clients_and_started_again():
     name = "ksmrobust"
-    proc = start_daemon(name)
+    proc = start_daemon(name, *SECOND_DAEMON)
     clients = [Client(f"/dev/{name}") for _ in range(3)]
     for c in clients:
         assert c("sma").startswith("ok ")
@@ -298,7 +219,7 @@ def test_daemon_stopped_under_its_clients_and_started_again():
         assert c("again").startswith("err ")
         assert c("close")  # answers: closing does not hang either
     # And it starts again under the same name, serving new clients.
-    proc = start_daemon(name)
+    proc = start_daemon(name, *SECOND_DAEMON)
     try:
         before = daemon_snapshot(proc.pid)
         fresh = Client(f"/dev/{name}")

@@ -1,12 +1,15 @@
-"""Random ioctls with real bad pointers on the real /dev/ksm (issue 6, part 1, in the VM).
+"""Random ioctls with real bad pointers on the real /dev/ksm, in the VM.
 
 Hypothesis drives random sequences of ioctls on device and SMA fds - random
 command numbers, the six real ones on the wrong kind of fd, and pointers
 that are NULL, unmapped, read-only, PROT_NONE, kernel, non-canonical, or
 straddle the end of a mapping - and REGISTERs with hostile npages and
 addresses.  Each result is compared with a model of the 2009 driver: the
-seed's result for known commands (quirks included), EFAULT when the kernel
-cannot copy the struct, EINVAL (device) or +22 (SMA) for anything else.
+2009 driver's result for known commands (quirks included: +1 for START with
+the run flag and no pages, which changes nothing), EFAULT when the kernel
+cannot copy the struct in or out, EINVAL (device) or +22 (SMA) for anything
+else; CREATE must return exactly the fd an open() would have got, an open
+of the device that answers as an SMA.
 After every example the daemon is alive, answers, traces nobody, and once
 the fds are closed its fds and threads are back to baseline and it shows no
 region of ours.  The budget is bounded (max_examples) to keep the VM run short.
@@ -25,8 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.integration.conftest import DEVICE
-from tests.integration.test_robust_faults import daemon_snapshot, settle_to
+from tests.integration.conftest import DEVICE, daemon_snapshot, settle_to
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
@@ -162,6 +164,29 @@ def set_info(fd: int, sleep: int, pages: int, flags: int) -> int:
     return libc.ioctl(fd, pyksm.KSM_START_STOP_KTHREAD, ctypes.addressof(info))
 
 
+def lowest_free_fd() -> int:
+    """The fd an open() would get now: the one the hand-out's injected openat must return."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+def check_sma(fd: int) -> None:
+    """``fd`` is an open of the device that answers as an SMA (+22 for a device-only command)."""
+    assert os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(DEVICE)
+    assert libc.ioctl(fd, pyksm.KSM_GET_API_VERSION, None) == 22
+
+
+def create(dev: int, ptr: int | None) -> int:
+    """CREATE_SHARED_MEMORY_AREA: exactly the fd an open() would have got, bound to a new SMA."""
+    lowest = lowest_free_fd()
+    ctypes.set_errno(0)
+    sma = libc.ioctl(dev, pyksm.KSM_CREATE_SHARED_MEMORY_AREA, ptr)
+    assert sma == lowest, (sma, lowest, os.strerror(ctypes.get_errno()))
+    check_sma(sma)
+    return sma
+
+
 def run_example(ops: list[tuple], mem: Memory) -> None:
     dev = os.open(DEVICE, os.O_RDWR)
     saved = get_info(dev)
@@ -172,9 +197,7 @@ def run_example(ops: list[tuple], mem: Memory) -> None:
             if op[0] == "open":
                 fds.append((os.open(DEVICE, os.O_RDWR), "dev"))
             elif op[0] == "create":
-                sma = libc.ioctl(dev, pyksm.KSM_CREATE_SHARED_MEMORY_AREA, None)
-                assert sma >= 0, os.strerror(ctypes.get_errno())
-                fds.append((sma, "sma"))
+                fds.append((create(dev, None), "sma"))
             elif op[0] == "close":
                 if 0 < op[1] < len(fds):
                     os.close(fds.pop(op[1])[0])
@@ -188,6 +211,7 @@ def run_example(ops: list[tuple], mem: Memory) -> None:
                 elif readable:
                     data = ctypes.string_at(ptr, 24)  # what is there (a read-only page of zeros)
                 ctypes.set_errno(0)
+                lowest = lowest_free_fd()
                 got = libc.ioctl(fd, cmd, ptr)
                 err = ctypes.get_errno() if got == -1 else 0
                 outcome = (got, err)
@@ -195,7 +219,8 @@ def run_example(ops: list[tuple], mem: Memory) -> None:
                     if cmd == pyksm.KSM_GET_API_VERSION:
                         want = (1, 0)
                     elif cmd == pyksm.KSM_CREATE_SHARED_MEMORY_AREA:
-                        assert got >= 0, (hex(cmd), outcome)
+                        assert got == lowest, (ptr_kind, outcome, lowest)  # whatever the pointer: it is not read
+                        check_sma(got)
                         fds.append((got, "sma"))
                         continue
                     elif cmd == pyksm.KSM_START_STOP_KTHREAD:
@@ -204,7 +229,7 @@ def run_example(ops: list[tuple], mem: Memory) -> None:
                         else:
                             sleep, pages, flags = (int.from_bytes(data[i : i + 4], "little") for i in (0, 4, 8))
                             if flags & 1 and pages == 0:
-                                want = (1, 0)  # the seed's positive EPERM
+                                want = (1, 0)  # the 2009 driver's positive EPERM: nothing changes
                             else:
                                 want = (0, 0)
                                 model[:] = [sleep, pages, flags]
@@ -221,7 +246,7 @@ def run_example(ops: list[tuple], mem: Memory) -> None:
                     elif cmd == pyksm.KSM_REMOVE_MEMORY_REGION:
                         want = (0, 0)
                     else:
-                        want = (22, 0)  # the seed's positive EINVAL on an SMA
+                        want = (22, 0)  # the 2009 driver's positive EINVAL on an SMA
                 assert outcome == want, (what, hex(cmd), ptr_kind, payload, outcome, want)
         assert get_info(dev) == tuple(model)
     finally:

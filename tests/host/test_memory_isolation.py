@@ -1,4 +1,4 @@
-"""Security properties of the memory the engine reads (issue 6, part 4; host, root).
+"""The engine reads the registering caller's memory and no one else's, even after pid reuse (host, root).
 
 * pid reuse: a registered process exits and a new process is forced onto
   its pid (``/proc/sys/kernel/ns_last_pid``), with memory at the very same
@@ -26,8 +26,9 @@ from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.libc import Iovec, process_vm_readv
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory, pidfd_exited
+from tests.conftest import needs_root
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory and sets ns_last_pid")
+pytestmark = needs_root
 
 NPAGES = 16
 FIXED = 0x5A5A_0000_0000  # an address both processes map (MAP_FIXED_NOREPLACE)
@@ -98,7 +99,7 @@ def spawn_on_pid(pid: int, byte: int, procs: list[subprocess.Popen[str]]) -> sub
     return None
 
 
-def test_pid_reuse_never_redirects_the_scanner(procs):
+def test_pid_reuse_never_redirects_the_scanner(procs: list[subprocess.Popen[str]]) -> None:
     try:
         with open(NS_LAST_PID, "r+") as f:
             f.write(f.read())
@@ -142,7 +143,7 @@ def test_pid_reuse_never_redirects_the_scanner(procs):
     assert space.closed
 
 
-def test_register_reads_the_callers_memory_never_the_daemons(procs):
+def test_register_reads_the_callers_memory_never_the_daemons(procs: list[subprocess.Popen[str]]) -> None:
     """The address is resolved in the caller's address space, whatever the daemon has there."""
     mine = mmap.mmap(-1, NPAGES * PAGE_SIZE)  # the "daemon's" secret, duplicated pages
     mine.write(b"\x33" * (NPAGES * PAGE_SIZE))

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 import pytest
 
 from cuse_ksm.engine import Engine
+from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
-from tests.engine.child import Child
-from tests.engine.fakes import check_consistency, full_scans
+from tests.conftest import needs_root
+from tests.engine.fakes import full_scans
+from tests.host.child import Child
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
+pytestmark = needs_root
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def spawn(children: list[Child], npages: int) -> Child:
     return child
 
 
-def test_reads_present_pages_and_never_faults_in_the_others(children):
+def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child]) -> None:
     child = spawn(children, 64)
     child.fill(0, 8, 0x11)
     child.fill(20, 4, 0x22)
@@ -49,7 +51,7 @@ def test_reads_present_pages_and_never_faults_in_the_others(children):
         space.close()
 
 
-def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
+def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: list[Child]) -> None:
     """As the kernel's KSM: a page never written holds no memory of its own to merge."""
     child = spawn(children, 32)
     child.fill(0, 8, 0)  # written zeros: eight private pages that happen to be zero
@@ -62,12 +64,12 @@ def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
         full_scans(engine, 3)
         c = engine.counters()
         assert (c.pages_shared, c.pages_sharing) == (1, 7)  # not 1/23
-        check_consistency(engine)
+        check_engine(engine)
     finally:
         engine.release_sma(next(iter(engine.smas.values())))
 
 
-def test_unmapped_range_reads_as_not_present(children):
+def test_unmapped_range_reads_as_not_present(children: list[Child]) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x33)
     space = ProcessMemory.open(child.pid)
@@ -81,7 +83,7 @@ def test_unmapped_range_reads_as_not_present(children):
         space.close()
 
 
-def test_unreadable_present_pages_are_skipped_and_the_rest_read(children):
+def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[Child]) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x44)
     child.protect(3, 1)
@@ -100,7 +102,7 @@ def test_unreadable_present_pages_are_skipped_and_the_rest_read(children):
         space.close()
 
 
-def test_exit_makes_the_space_gone(children):
+def test_exit_makes_the_space_gone(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
     space = ProcessMemory.open(child.pid)
@@ -116,7 +118,7 @@ def test_exit_makes_the_space_gone(children):
         space.close()
 
 
-def test_exec_makes_the_space_gone_though_the_pid_lives_on(children):
+def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
     space = ProcessMemory.open(child.pid)
@@ -135,7 +137,7 @@ def register(engine: Engine, child: Child, npages: int, first: int = 0) -> None:
 
 
 @pytest.mark.parametrize("n", [2, 50, 600])
-def test_identical_pages_across_two_processes(children, n):
+def test_identical_pages_across_two_processes(children: list[Child], n: int) -> None:
     a, b = spawn(children, n), spawn(children, n)
     first = n // 2
     a.fill(0, first, 0x5A)
@@ -149,10 +151,10 @@ def test_identical_pages_across_two_processes(children, n):
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing) == (1, n - 1)
     assert c.pages_scanned == 2 * n  # the untouched halves were skipped
-    check_consistency(engine)
+    check_engine(engine)
 
 
-def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
+def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children: list[Child]) -> None:
     a = spawn(children, 8)
     a.fill(0, 8, 7)
     engine = Engine()
@@ -162,10 +164,10 @@ def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
     a.fill(3, 1, 8)  # a write to a merged page: COW
     full_scans(engine, 1)
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 6)
-    check_consistency(engine)
+    check_engine(engine)
 
 
-def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
+def test_pages_equal_but_for_their_last_8_bytes_never_merge(children: list[Child]) -> None:
     a = spawn(children, 300)
     a.fill(0, 300, 0)
     a.stamp(0, 300, PAGE_SIZE - 8)
@@ -176,7 +178,7 @@ def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (0, 0, 300)
 
 
-def test_exit_unmap_and_remove_mid_scan(children):
+def test_exit_unmap_and_remove_mid_scan(children: list[Child]) -> None:
     a, b, c = spawn(children, 512), spawn(children, 512), spawn(children, 512)
     for child in (a, b, c):
         child.fill(0, 512, 0x42)
@@ -192,12 +194,12 @@ def test_exit_unmap_and_remove_mid_scan(children):
     full_scans(engine, 1)
     cnt = engine.counters()
     assert (cnt.pages_shared, cnt.pages_sharing) == (1, 767)
-    check_consistency(engine)
+    check_engine(engine)
     engine.scan_now(700)
     engine.remove_regions(engine.slots[2].sma)
     cnt = engine.counters()
     assert (cnt.pages_shared, cnt.pages_sharing) == (1, 255)
-    check_consistency(engine)
+    check_engine(engine)
     for sma in list(engine.smas.values()):
         engine.release_sma(sma)
     cnt = engine.counters()

@@ -1,4 +1,4 @@
-"""A child process with known memory, driven over a pipe (for the engine's host tests).
+"""A child process with known memory, driven over a pipe (host tests over real memory).
 
 Usage: ``Child.start(npages)`` maps ``npages`` anonymous pages, touches none
 of them, and reports the mapping's address.  Commands then fill, write,

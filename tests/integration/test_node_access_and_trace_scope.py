@@ -1,4 +1,4 @@
-"""Security in the VM (issue 6, part 4): who may open the node, and whom the hand-out touches.
+"""In the VM: who may open the device node, and which thread the fd hand-out traces.
 
 * With the default options the node is root's, mode 0600: another user
   cannot open it.  With ``--mode 0666`` any user can, and an unprivileged
@@ -19,8 +19,7 @@ import threading
 
 import pyksm
 
-from tests.integration.conftest import DEVICE
-from tests.integration.test_robust_faults import BIN, build, start_daemon, status_field
+from tests.integration.conftest import DEVICE, ROBUST_BIN, SECOND_DAEMON, build_robust, start_daemon, status_field
 
 NOBODY = 65534
 
@@ -32,9 +31,9 @@ def as_nobody() -> None:
 
 
 def nobody_client(device: str, commands: str) -> subprocess.CompletedProcess[str]:
-    build()
+    build_robust()
     exe = "/tmp/ksm_client_robust"
-    shutil.copy(BIN / "ksm_client", exe)
+    shutil.copy(ROBUST_BIN / "ksm_client", exe)
     os.chmod(exe, 0o755)
     return subprocess.run(
         [exe, device], input=commands, capture_output=True, text=True, timeout=60, preexec_fn=as_nobody
@@ -50,7 +49,7 @@ def test_default_node_refuses_other_users():
 
 def test_mode_0666_lets_any_user_register_its_own_memory():
     name = "ksmopen"
-    proc = start_daemon(name, "--mode", "0666")
+    proc = start_daemon(name, *SECOND_DAEMON, "--mode", "0666")
     try:
         # The mode is applied just after the node appears.
         for _ in range(200):
