@@ -77,7 +77,9 @@ def test_a_lost_privilege_fails_the_ci_run(tmp_path: Path) -> None:
     summary = [line for line in out.splitlines() if line.startswith(("FAILED ", "ERROR "))]
     assert len(summary) == skipped, out
     assert all(" - skipped under CI=true (" in line for line in summary), out
-    assert sum("needs /dev/fuse and root" in line for line in summary) == 8, out
+    # Both kinds of lost privilege are among them: root alone, and /dev/fuse.
+    fuse = sum("needs /dev/fuse and root" in line for line in summary)
+    assert 8 <= fuse < skipped, out
 
 
 def test_tests_run_on_request_and_xfails_keep_their_outcome_under_ci(tmp_path: Path) -> None:
