@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from bench.workload import Workload
-from cuse_ksm import abi
+from cuse_ksm import abi, kksmd
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
@@ -43,7 +43,7 @@ def measure(
         engine = Engine()
         want = workload.expected()
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+            await nursery.start(kksmd.run, engine)
             gc.collect()
             cpu0 = time.process_time()
             t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency
             return [float(x) for x in data.split()]
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
+            await nursery.start(kksmd.run, engine)
             # Idle: registered, scanner stopped.
             results.append(Latency.of("in-loop scheduling, scanner idle", await scheduling(seconds)))
             results.append(Latency.of("fd round trip, scanner idle", await round_trips(seconds)))

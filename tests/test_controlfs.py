@@ -20,7 +20,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cuse_ksm import abi, controlfs
+from cuse_ksm import abi, controlfs, kksmd
 from cuse_ksm.controlfs import PROCESSES_INODE, ROOT_INODE, ControlTree, read_value, write_value
 from cuse_ksm.device import Done, KsmDevice
 from cuse_ksm.engine import Engine
@@ -298,7 +298,7 @@ async def mounted(nursery) -> AsyncIterator[tuple[Engine, str]]:
     space.map(0x10000, [page(7)] * 16 + [unique_page(1)])
     engine.register(engine.new_sma(), space, 0x10000, 17)
     with mount_dir() as path:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         await nursery.start(controlfs.serve, engine, path)
         yield engine, path
         nursery.cancel_scope.cancel()

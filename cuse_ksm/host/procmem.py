@@ -264,7 +264,7 @@ class ProcessMemory:
             liov[r].iov_len = length
             riov[r].iov_base = addr + (start << PAGE_SHIFT)
             riov[r].iov_len = length
-        got = process_vm_readv(self.tgid, liov, nruns, riov, nruns, 0)
+        got: int = process_vm_readv(self.tgid, liov, nruns, riov, nruns, 0)
         if got >= 0:
             return got
         if ctypes.get_errno() == errno.ESRCH or not self.alive():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import mmap
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.engine.trees import PAGE_SIZE
 
 
 def page(fill: int, tail: bytes = b"") -> bytes:

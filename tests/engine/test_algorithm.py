@@ -1,4 +1,4 @@
-"""The scanner's algorithm (SPEC section 3) and counters (section 4), on in-memory spaces."""
+"""The scanner's algorithm (cmp_and_merge_page of the 2009 driver) and its counters, on in-memory spaces."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import random
 
 import pytest
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine, Slot, StableTree, UnstableTree
-from cuse_ksm.engine.trees import ITEM, MERGED, PAGE_SIZE, UNSTABLE
+from cuse_ksm.engine.trees import ITEM, MERGED, UNSTABLE
 from tests.engine.fakes import FakeSpace, check_consistency, full_scans, page, unique_page
 
 A = 0x7F00_0000_0000
@@ -319,8 +320,9 @@ def test_stable_tree_chains_digest_collisions():
     b = tree.insert(42, b"b" * PAGE_SIZE)
     c = tree.insert(42, b"c" * PAGE_SIZE)
     assert tree.find(42, b"a" * PAGE_SIZE) is a
-    assert tree.find(42, b"b" * PAGE_SIZE) is b
+    assert tree.find(42, memoryview(b"b" * PAGE_SIZE)) is b  # the scanner passes a view of its buffer
     assert tree.find(42, b"d" * PAGE_SIZE) is None
+    assert tree.find(43, b"a" * PAGE_SIZE) is None  # same content, other digest: not looked at
     tree.remove(b)
     assert tree.find(42, b"b" * PAGE_SIZE) is None and tree.find(42, b"a" * PAGE_SIZE) is a
     tree.remove(c)
@@ -332,20 +334,24 @@ def test_stable_tree_chains_digest_collisions():
 def test_unstable_tree_candidates_are_confirmed_and_collisions_kept():
     tree = UnstableTree()
     asked = []
+    page_a = memoryview(page(0xA))
 
-    def never(loc):
-        asked.append(loc)
+    def never(loc, checksum, candidate):
+        asked.append((loc, checksum, candidate))
         return False
 
+    def only_2(loc, checksum, candidate):
+        return loc == 2
+
     h = 0xDEADBEEF_00000001
-    assert tree.search_insert(h, 1, never) == 0
-    assert tree.search_insert(h, 2, never) == 0  # same digest, not confirmed: both kept
-    assert asked == [1]
-    assert tree.search_insert(h, 3, lambda loc: loc == 2) == 2
+    assert tree.search_insert(h, 1, page_a, never) == 0
+    assert tree.search_insert(h, 2, page_a, never) == 0  # same digest, not confirmed: both kept
+    assert asked == [(1, h, page_a)]  # the confirmation sees the page and digest being searched
+    assert tree.search_insert(h, 3, page_a, only_2) == 2
     # Growth keeps every entry findable.
     for i in range(5000):
-        tree.search_insert(random.getrandbits(64), 10 + i, never)
-    assert tree.search_insert(h, 99, lambda loc: loc == 2) == 2
+        tree.search_insert(random.getrandbits(64), 10 + i, page_a, never)
+    assert tree.search_insert(h, 99, page_a, only_2) == 2
     assert len(tree) == 5002
 
 
@@ -383,7 +389,7 @@ def test_random_workload_keeps_counters_consistent():
 
 
 def test_unstable_tree_grows_mid_pass(monkeypatch):
-    """A table sized too small for the pass grows inside the scanner's inlined probe and loses nothing."""
+    """A table sized too small for the pass grows while the scanner inserts, and loses nothing."""
     monkeypatch.setattr(UnstableTree, "MIN_CELLS", 8)
     original = UnstableTree.reset
     monkeypatch.setattr(UnstableTree, "reset", lambda self, expected=0: original(self, 0))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from cuse_ksm import abi
+from cuse_ksm import abi, kksmd
 from cuse_ksm.device import KsmDevice
-from cuse_ksm.engine import Engine, core
+from cuse_ksm.engine import Engine, scanner
 from tests.engine.fakes import FakeSpace, check_consistency, page
 
 A = 0x7F00_0000_0000
@@ -24,7 +24,7 @@ def engine_with(npages: int, content: bytes = page(1)) -> tuple[Engine, FakeSpac
 async def test_idle_until_started_then_scans_then_stops(autojump_clock):
     engine, _ = engine_with(40)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         await trio.sleep(1)
         assert engine.counters().pages_scanned == 0  # flags 0: idle
         engine.set_kthread(sleep=1000, pages_to_scan=10, flags=1)
@@ -43,7 +43,7 @@ async def test_idle_until_started_then_scans_then_stops(autojump_clock):
 async def test_pages_to_scan_pages_then_sleep(autojump_clock):
     engine, _ = engine_with(10_000)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=100_000, pages_to_scan=7, flags=1)  # 7 pages every 0.1 s
         await trio.sleep(1.05)
         # Rounds at t = 0, 0.1, ..., 1.0: 11 rounds of 7 pages.
@@ -54,7 +54,7 @@ async def test_pages_to_scan_pages_then_sleep(autojump_clock):
 async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
     engine, _ = engine_with(100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=3_600_000_000, pages_to_scan=5, flags=1)  # an hour
         await trio.sleep(10)
         assert engine.counters().pages_scanned == 5
@@ -67,7 +67,7 @@ async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
 async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock):
     engine = Engine()
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=0, pages_to_scan=100, flags=1)
         await trio.sleep(1)
         space = FakeSpace()
@@ -91,13 +91,13 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
     With YIELD_SECONDS at 0 the scanner yields after every batch, so the
     count does not depend on this machine's speed.
     """
-    monkeypatch.setattr(core, "YIELD_SECONDS", 0.0)
+    monkeypatch.setattr(kksmd, "YIELD_SECONDS", 0.0)
     engine, _ = engine_with(64 * 256)
     device = KsmDevice(engine, lambda tid: FakeSpace(tid))
     fh = device.open(1).fh
     answered = 0
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 64 batches
 
         async def poll_info() -> None:
@@ -114,4 +114,4 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
         nursery.cancel_scope.cancel()
     # About one answer per batch of the first pass (the poller starts a
     # batch or so after the scanner, and the last batch ends the wait).
-    assert answered >= 64 * 256 // core.BATCH_PAGES - 3
+    assert answered >= 64 * 256 // scanner.BATCH_PAGES - 3
