@@ -51,10 +51,10 @@ import re
 import select
 from dataclasses import dataclass, field
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.host.libc import Iovec, process_vm_readv
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PM_ENTRY = 8  # bytes per pagemap entry
 # Bit 63 of a pagemap entry: the page is present in RAM.  It is the top bit
 # of the entry's last byte (little-endian), so the presence of n pages is
@@ -178,9 +178,6 @@ class ProcessMemory:
             space.close()
             raise ProcessLookupError(f"process {tgid} exited while registering")
         return space
-
-    def exited(self) -> bool:
-        return pidfd_exited(self.pidfd)
 
     def alive(self) -> bool:
         """The pinned process has not exited and the pinned mm still has users.

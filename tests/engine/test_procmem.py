@@ -8,8 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
-from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
+from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.engine.child import Child
 from tests.engine.fakes import check_consistency, full_scans
 
@@ -122,7 +123,7 @@ def test_exec_makes_the_space_gone_though_the_pid_lives_on(children):
     space = ProcessMemory.open(child.pid)
     try:
         child.exec_sleep()
-        assert not space.exited()  # same process, same pid ...
+        assert not pidfd_exited(space.pidfd)  # same process, same pid ...
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
         assert space.read_pages(child.addr, 4, buf) is None  # ... but not the memory we pinned
     finally:
