@@ -243,6 +243,7 @@ class Scanner:
         word = chunk.word
         pages = self._pages
         by_id = self.stable.by_id
+        stable_digests = self.stable.digests
         stable_find = self.stable.find
         unstable_search_insert = self.unstable.search_insert
         same = self._same_page
@@ -285,16 +286,17 @@ class Scanner:
 
             # Stable tree first: its pages cannot change, so a match on the
             # full content is a merge that stays valid.
-            shared = stable_find(h, page)
-            if shared is not None:
-                if st == NO_ITEM:
-                    d_items += 1
-                state[k] = MERGED
-                word[k] = shared.id
-                shared.sharers += 1
-                d_sharers += 1
-                d_merged += 1
-                continue
+            if h in stable_digests:
+                shared = stable_find(h, page)
+                if shared is not None:
+                    if st == NO_ITEM:
+                        d_items += 1
+                    state[k] = MERGED
+                    word[k] = shared.id
+                    shared.sharers += 1
+                    d_sharers += 1
+                    d_merged += 1
+                    continue
 
             if st == NO_ITEM:
                 # First sight: remember its digest; it may enter the unstable

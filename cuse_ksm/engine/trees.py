@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, KeysView
 from dataclasses import dataclass
 
 from cuse_ksm.abi import PAGE_SIZE
@@ -118,10 +118,14 @@ class StableTree:
     so the digest is never trusted on its own.
     """
 
-    __slots__ = ("_by_checksum", "_by_id", "_free_ids", "_next_id")
+    __slots__ = ("_by_checksum", "_by_id", "_free_ids", "_next_id", "digests")
 
     def __init__(self) -> None:
         self._by_checksum: dict[int, KsmPage] = {}
+        # The digests of the shared pages, a live view: a page whose digest
+        # is not in it equals no shared page.  Most pages the scanner sees
+        # are not in it, and asking costs no Python call (see find()).
+        self.digests: KeysView[int] = self._by_checksum.keys()
         # RmapChunk.word stores the id of the shared page a merged page maps;
         # ids of freed pages are reused so they stay small.
         self._by_id: dict[int, KsmPage] = {}
@@ -142,18 +146,17 @@ class StableTree:
     def by_id(self) -> dict[int, KsmPage]:
         return self._by_id
 
-    def find(self, checksum: int, page: bytes | memoryview) -> KsmPage | None:
+    def find(self, checksum: int, page: memoryview) -> KsmPage | None:
         """The shared page whose content is exactly ``page`` (whose digest is ``checksum``), if any.
 
-        The scanner calls this for every page not yet merged, and nearly
-        every call finds no page with that digest: that path is one dict
-        probe, and ``page`` (a view of the scanner's read buffer) is copied
-        for the byte comparison only when a digest matches.
+        ``page`` is a view (of the scanner's read buffer): it is copied for
+        the byte comparison only when a digest matches.  The scanner calls
+        this for pages whose digest is in :attr:`digests`.
         """
         kpage = self._by_checksum.get(checksum)
         if kpage is None:
             return None
-        data = bytes(page)
+        data = page.tobytes()
         while kpage is not None and kpage.data != data:
             kpage = kpage.next
         return kpage
@@ -229,7 +232,7 @@ class UnstableTree:
     caller's check of the item's state.
     """
 
-    __slots__ = ("_count", "_locs", "_mask", "_tags")
+    __slots__ = ("_count", "_limit", "_locs", "_mask", "_tags")
 
     MIN_CELLS = 1024
 
@@ -246,6 +249,7 @@ class UnstableTree:
             cells <<= 1
         self._tags, self._locs = _table(cells)
         self._mask = cells - 1
+        self._limit = cells // 2  # grow once more than half full
         self._count = 0
 
     def arrays(self) -> tuple[memoryview, memoryview, int]:
@@ -279,7 +283,7 @@ class UnstableTree:
         tags[i] = tag
         locs[i] = loc
         self._count += 1
-        if 2 * self._count > mask + 1:
+        if self._count > self._limit:
             self.grow()
         return 0
 
@@ -297,4 +301,4 @@ class UnstableTree:
                     i = (i + 1) & mask
                 tags[i] = tag
                 locs[i] = loc
-        self._tags, self._locs, self._mask = tags, locs, mask
+        self._tags, self._locs, self._mask, self._limit = tags, locs, mask, cells // 2

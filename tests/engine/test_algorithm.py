@@ -319,16 +319,22 @@ def test_stable_tree_chains_digest_collisions():
     a = tree.insert(42, b"a" * PAGE_SIZE)
     b = tree.insert(42, b"b" * PAGE_SIZE)
     c = tree.insert(42, b"c" * PAGE_SIZE)
-    assert tree.find(42, b"a" * PAGE_SIZE) is a
-    assert tree.find(42, memoryview(b"b" * PAGE_SIZE)) is b  # the scanner passes a view of its buffer
-    assert tree.find(42, b"d" * PAGE_SIZE) is None
-    assert tree.find(43, b"a" * PAGE_SIZE) is None  # same content, other digest: not looked at
+
+    def view(fill: bytes) -> memoryview:  # the scanner passes a view of its read buffer
+        return memoryview(fill * PAGE_SIZE)
+
+    assert set(tree.digests) == {42}
+    assert tree.find(42, view(b"a")) is a
+    assert tree.find(42, view(b"b")) is b
+    assert tree.find(42, view(b"d")) is None
+    assert tree.find(43, view(b"a")) is None  # same content, other digest: not looked at
     tree.remove(b)
-    assert tree.find(42, b"b" * PAGE_SIZE) is None and tree.find(42, b"a" * PAGE_SIZE) is a
+    assert tree.find(42, view(b"b")) is None and tree.find(42, view(b"a")) is a
     tree.remove(c)
     tree.remove(a)
-    assert len(tree) == 0 and not tree.by_checksum
+    assert len(tree) == 0 and not tree.by_checksum and 42 not in tree.digests
     assert tree.insert(1, b"x").id in (1, 2, 3)  # ids are reused
+    assert 1 in tree.digests  # a live view
 
 
 def test_unstable_tree_candidates_are_confirmed_and_collisions_kept():
@@ -398,6 +404,7 @@ def test_unstable_tree_grows_mid_pass(monkeypatch):
     full_scans(engine, 1)
     engine.scan_now(2000)  # well into the second pass: the table grew several times
     assert len(engine.unstable) > 8
+    check_consistency(engine)  # ... and stayed at most half full
     full_scans(engine, 1)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (1, 22, 2200)
