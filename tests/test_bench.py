@@ -32,7 +32,7 @@ SECTIONS = {
 }
 
 
-def test_the_short_bench_runs_every_section():
+def test_the_short_bench_runs_every_section() -> None:
     with_kernel = kernel.available()
     argv = SHORT if with_kernel else [*SHORT, "--no-kernel"]
     run = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -20,6 +20,7 @@ import ctypes
 import gc
 import mmap
 import os
+from typing import Any
 
 import pytest
 import trio
@@ -28,7 +29,7 @@ from hypothesis import strategies as st
 
 from cuse_ksm import kksmd
 from cuse_ksm.abi import PAGE_SIZE
-from cuse_ksm.engine import Engine, KsmPage
+from cuse_ksm.engine import Engine, KsmPage, RmapChunk, Slot
 from cuse_ksm.engine.check import EngineInconsistent, check_engine, problems
 from cuse_ksm.engine.trees import MERGED
 from cuse_ksm.host.procmem import ProcessMemory
@@ -52,7 +53,7 @@ def _unmapped_address() -> int:
     addr = _libc.mmap(None, 16 * PAGE_SIZE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     assert addr not in (None, ctypes.c_void_p(-1).value)
     _libc.munmap(addr, 16 * PAGE_SIZE)
-    return addr
+    return int(addr)
 
 
 class OwnMemory:
@@ -130,6 +131,9 @@ class ChildMemory:
                 pipe.close()
 
 
+# One step of a fuzzed run: its kind, then its arguments (see operations()).
+Op = tuple[Any, ...]
+
 ADDRESSES = ["base", "inside", "unaligned", "null", "kernel", "top", "unmapped", "noncanonical"]
 npages_st = st.one_of(st.sampled_from([0, 1, NPAGES, NPAGES, NPAGES, 2**32 - 1, 2**31]), st.integers(0, 2 * NPAGES))
 # Half the registrations name the memory itself, so that pages do merge.
@@ -137,8 +141,8 @@ address_st = st.one_of(st.sampled_from(["base", "inside"]), st.sampled_from(ADDR
 
 
 @st.composite
-def operations(draw: st.DrawFn) -> list[tuple]:
-    ops: list[tuple] = []
+def operations(draw: st.DrawFn) -> list[Op]:
+    ops: list[Op] = []
     if draw(st.booleans()):
         # Duplicates in both memories, registered: the ops then act on merged state.
         ops += [("fill", "own", 0, 16, 0x11), ("fill", "child", 8, 16, 0x11)]
@@ -209,14 +213,14 @@ def sole(group: BaseExceptionGroup) -> BaseException:
     return exc
 
 
-async def run_ops(ops: list[tuple]) -> None:
+async def run_ops(ops: list[Op]) -> None:
     fds_before = open_fds()
     engine = Engine()
     own, child = OwnMemory(), ChildMemory()
-    mems = {"own": own, "child": child}
+    mems: dict[str, OwnMemory | ChildMemory] = {"own": own, "child": child}
     unmapped = _unmapped_address()
     smas = [engine.new_sma()]
-    registered: list[tuple] = []
+    registered: list[Op] = []
     merged = False
     try:
         try:
@@ -290,11 +294,11 @@ async def run_ops(ops: list[tuple]) -> None:
 
 @FUZZ
 @given(operations())
-def test_engine_stays_consistent_over_real_memory(ops):
+def test_engine_stays_consistent_over_real_memory(ops: list[Op]) -> None:
     trio.run(run_ops, ops)
 
 
-def test_duplicates_merge_under_the_fuzzer_setup():
+def test_duplicates_merge_under_the_fuzzer_setup() -> None:
     """The setup can merge at all (else the fuzzer would prove little): fill, scan, merged."""
 
     async def main() -> None:
@@ -315,7 +319,7 @@ def test_duplicates_merge_under_the_fuzzer_setup():
     trio.run(main)
 
 
-def test_the_checker_catches_each_kind_of_corruption():
+def test_the_checker_catches_each_kind_of_corruption() -> None:
     """Every invariant the checker guards can fail: corrupt a healthy engine one way at a time."""
     own = OwnMemory()
     own.fill(0, 8, 0x5A)
@@ -329,7 +333,7 @@ def test_the_checker_catches_each_kind_of_corruption():
         check_engine(engine)
         return engine
 
-    def first_merged(engine: Engine):
+    def first_merged(engine: Engine) -> tuple[Slot, RmapChunk, int]:
         slot = engine.slots[0]
         chunk = slot.chunks[0]
         return slot, chunk, list(chunk.state).index(MERGED)

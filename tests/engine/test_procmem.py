@@ -31,7 +31,7 @@ def spawn(children: list[Child], npages: int) -> Child:
     return child
 
 
-def test_reads_present_pages_and_never_faults_in_the_others(children):
+def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child]) -> None:
     child = spawn(children, 64)
     child.fill(0, 8, 0x11)
     child.fill(20, 4, 0x22)
@@ -50,7 +50,7 @@ def test_reads_present_pages_and_never_faults_in_the_others(children):
         space.close()
 
 
-def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
+def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: list[Child]) -> None:
     """As the kernel's KSM: a page never written holds no memory of its own to merge."""
     child = spawn(children, 32)
     child.fill(0, 8, 0)  # written zeros: eight private pages that happen to be zero
@@ -68,7 +68,7 @@ def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children):
         engine.release_sma(next(iter(engine.smas.values())))
 
 
-def test_unmapped_range_reads_as_not_present(children):
+def test_unmapped_range_reads_as_not_present(children: list[Child]) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x33)
     space = ProcessMemory.open(child.pid)
@@ -82,7 +82,7 @@ def test_unmapped_range_reads_as_not_present(children):
         space.close()
 
 
-def test_unreadable_present_pages_are_skipped_and_the_rest_read(children):
+def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[Child]) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x44)
     child.protect(3, 1)
@@ -101,7 +101,7 @@ def test_unreadable_present_pages_are_skipped_and_the_rest_read(children):
         space.close()
 
 
-def test_exit_makes_the_space_gone(children):
+def test_exit_makes_the_space_gone(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
     space = ProcessMemory.open(child.pid)
@@ -117,7 +117,7 @@ def test_exit_makes_the_space_gone(children):
         space.close()
 
 
-def test_exec_makes_the_space_gone_though_the_pid_lives_on(children):
+def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
     space = ProcessMemory.open(child.pid)
@@ -136,7 +136,7 @@ def register(engine: Engine, child: Child, npages: int, first: int = 0) -> None:
 
 
 @pytest.mark.parametrize("n", [2, 50, 600])
-def test_identical_pages_across_two_processes(children, n):
+def test_identical_pages_across_two_processes(children: list[Child], n: int) -> None:
     a, b = spawn(children, n), spawn(children, n)
     first = n // 2
     a.fill(0, first, 0x5A)
@@ -153,7 +153,7 @@ def test_identical_pages_across_two_processes(children, n):
     check_consistency(engine)
 
 
-def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
+def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children: list[Child]) -> None:
     a = spawn(children, 8)
     a.fill(0, 8, 7)
     engine = Engine()
@@ -166,7 +166,7 @@ def test_written_merged_page_is_unshared_and_volatile_page_not_merged(children):
     check_consistency(engine)
 
 
-def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
+def test_pages_equal_but_for_their_last_8_bytes_never_merge(children: list[Child]) -> None:
     a = spawn(children, 300)
     a.fill(0, 300, 0)
     a.stamp(0, 300, PAGE_SIZE - 8)
@@ -177,7 +177,7 @@ def test_pages_equal_but_for_their_last_8_bytes_never_merge(children):
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (0, 0, 300)
 
 
-def test_exit_unmap_and_remove_mid_scan(children):
+def test_exit_unmap_and_remove_mid_scan(children: list[Child]) -> None:
     a, b, c = spawn(children, 512), spawn(children, 512), spawn(children, 512)
     for child in (a, b, c):
         child.fill(0, 512, 0x42)

@@ -17,7 +17,7 @@ print(json.dumps(sorted(name for name in sys.modules if name in FORBIDDEN)))
 """
 
 
-def test_importing_the_engine_imports_no_trio_and_no_upper_layer():
+def test_importing_the_engine_imports_no_trio_and_no_upper_layer() -> None:
     # A fresh interpreter: this one has long imported trio for other tests.
     out = subprocess.run(
         [sys.executable, "-c", f"FORBIDDEN = {FORBIDDEN!r}\n{PROBE}"],

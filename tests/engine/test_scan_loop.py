@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from cuse_ksm import abi, kksmd
-from cuse_ksm.device import KsmDevice
+from cuse_ksm.device import Done, KsmDevice
 from cuse_ksm.engine import Engine, scanner
 from tests.engine.fakes import FakeSpace, check_consistency, page
 
@@ -21,7 +22,7 @@ def engine_with(npages: int, content: bytes = page(1)) -> tuple[Engine, FakeSpac
     return engine, space
 
 
-async def test_idle_until_started_then_scans_then_stops(autojump_clock):
+async def test_idle_until_started_then_scans_then_stops(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(40)
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
@@ -40,7 +41,7 @@ async def test_idle_until_started_then_scans_then_stops(autojump_clock):
     check_consistency(engine)
 
 
-async def test_pages_to_scan_pages_then_sleep(autojump_clock):
+async def test_pages_to_scan_pages_then_sleep(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(10_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
@@ -51,7 +52,7 @@ async def test_pages_to_scan_pages_then_sleep(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
+async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(100)
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
@@ -64,7 +65,7 @@ async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock):
+async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock: trio.testing.MockClock) -> None:
     engine = Engine()
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
@@ -85,7 +86,7 @@ async def test_running_with_nothing_registered_idles_until_a_register(autojump_c
         nursery.cancel_scope.cancel()
 
 
-async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
+async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """While one round scans many batches, ioctls in the same loop keep being answered.
 
     With YIELD_SECONDS at 0 the scanner yields after every batch, so the
@@ -104,7 +105,7 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
             nonlocal answered
             while True:
                 out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
-                assert out.result == 0
+                assert isinstance(out, Done) and out.result == 0
                 answered += 1
                 await trio.lowlevel.checkpoint()
 
