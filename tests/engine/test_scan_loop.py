@@ -116,3 +116,20 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch: pyt
     # About one answer per batch of the first pass (the poller starts a
     # batch or so after the scanner, and the last batch ends the wait).
     assert answered >= 64 * 256 // scanner.BATCH_PAGES - 3
+
+
+async def test_a_stop_takes_effect_at_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of many batches ends at the first yield after START_STOP changes the parameters."""
+    monkeypatch.setattr(kksmd, "YIELD_SECONDS", 0.0)  # yield after every batch
+    engine, _ = engine_with(64 * 256)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kksmd.run, engine)
+        engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 128 batches
+        while engine.counters().pages_scanned == 0:
+            await trio.lowlevel.checkpoint()
+        engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=0)
+        scanned = engine.counters().pages_scanned
+        for _ in range(20):
+            await trio.lowlevel.checkpoint()
+        assert engine.counters().pages_scanned == scanned < 64 * 256
+        nursery.cancel_scope.cancel()
