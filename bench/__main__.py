@@ -1,16 +1,20 @@
 """``python -m bench``: the emulator's scanner against the host kernel's KSM, same machine, same run.
 
-Figures (SPEC section 6 and issue 3):
+Figures, each section ending with its ratio line:
 
 1. 1 GiB, 50 % duplicate pages (128 copies of each duplicate content):
    time from registration to full merge, and CPU seconds; emulator and
    kernel side by side, interleaved, ``--repeat`` times each (medians).
-2. The worst case of SPEC section 5 (page index in the last 8 bytes),
-   1 GiB: time for two full passes (2 x npages pages scanned; nothing can merge).
-3. The engine's own memory per registered page (tracemalloc + its table mapping).
+2. The worst case for content-sorted trees (Andrea Arcangeli's 2009
+   ksmpages test: the page index in the last 8 bytes of each page), 1 GiB:
+   time for two full passes (2 x npages pages scanned; nothing can merge).
+3. The engine's own memory per registered page (tracemalloc + its table
+   mapping), against the kernel's 64-byte reverse-map item.
 4. ioctl latency while the scanner runs at full speed, against idle.
 
-The last line printed is the 1 GiB ratio emulator/kernel (time to full merge).
+The last line printed is section 1's: the 1 GiB ratio emulator/kernel
+(time to full merge).  A short run of every section (as ``make test``
+does): ``--size-mib 64 --repeat 1 --quiet-wait 0 --latency-seconds 0.5``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from dataclasses import asdict
 from typing import Any
 
 from bench import emulator, kernel, workload
+from cuse_ksm import abi
 
 PAGES_TO_SCAN = 100_000
+# sizeof(struct ksm_rmap_item) on x86_64: what the kernel spends per scanned page.
+KERNEL_BYTES_PER_PAGE = 64
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -85,6 +92,12 @@ def _kernel_merge(size: int, *, scanned_pages: int | None = None, layout: str = 
         w.stop()
 
 
+def _ratio(section: str, what: str, num: float, den: float | None, detail: str) -> str:
+    """A section's ratio line (the one figure to compare run to run)."""
+    value = "n/a" if den is None else f"{num / den:.2f}"
+    return f"{section} ratio {what}: {value} ({detail})"
+
+
 def _line(label: str, emu: float, ker: float | None, unit: str = "s") -> str:
     if ker is None:
         return f"  {label:<44} emulator {emu:8.3f} {unit}   kernel      n/a"
@@ -99,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs of the 50 %% duplicate timing, each side (default 3)")
     p.add_argument("--no-kernel", action="store_true", help="skip the host kernel's KSM")
     p.add_argument("--skip", action="append", default=[], choices=["worst", "memory", "latency"], help="skip a section")
+    p.add_argument("--latency-seconds", type=float, default=3.0, help="length of each latency measurement (default 3)")
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument(
         "--quiet-wait", type=float, default=180, help="seconds to wait for an idle machine per run (default 180)"
@@ -155,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. The worst case for content-sorted trees: two full scans.
     if "worst" not in args.skip:
         quiet = wait_quiet(args.quiet_wait)
-        two_passes = 2 * (size // workload.PAGE_SIZE)
+        two_passes = 2 * (size // abi.PAGE_SIZE)
         we = _emulator_merge(size, scanned_pages=two_passes, layout="tail8")
         quiet = wait_quiet(args.quiet_wait) and quiet
         wk = _kernel_merge(size, scanned_pages=two_passes, layout="tail8") if use_kernel else None
@@ -167,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         print(_line("time", we.seconds, wk.seconds if wk else None))
         print(_line("CPU (emulator process / ksmd thread)", we.cpu_seconds, wk.cpu_seconds if wk else None))
         out["tail8"] = {"emulator": asdict(we), "kernel": asdict(wk) if wk else None}
+        print(_ratio("worst case", "emulator/kernel", we.seconds, wk.seconds if wk else None, "time for two passes"))
 
     # 3. Memory per registered page.
     if "memory" not in args.skip:
-        print("engine memory per registered page (tracemalloc, after 3 full scans; kernel: ~64 B):")
+        print("engine memory per registered page (tracemalloc, after 3 full scans; ", end="")
+        print(f"kernel: {KERNEL_BYTES_PER_PAGE} B):")
         out["memory"] = {}
+        peaks = []
         for layout in ("dup50", "tail8"):
             w = workload.start(layout, size)
             try:
@@ -179,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 w.stop()
             out["memory"][layout] = asdict(m)
+            peaks.append(m.peak_per_page)
             print(
                 f"  {layout:<6} {m.per_page:6.1f} B/page at the end, {m.peak_per_page:6.1f} B/page at the peak; "
                 f"shared page copies apart: {m.pages_shared} x 4 KiB = {m.copies_bytes / 2**20:.1f} MiB"
             )
+        print(_ratio("memory", "emulator/kernel", max(peaks), KERNEL_BYTES_PER_PAGE, "bytes per page, worst peak"))
 
     # 4. ioctl latency.
     if "latency" not in args.skip:
@@ -191,12 +210,15 @@ def main(argv: list[str] | None = None) -> int:
             print("  (machine busy: other load during this measurement)")
         w = workload.start("dup50", size)
         try:
-            lat = emulator.measure_latency(w)
+            lat = emulator.measure_latency(w, seconds=args.latency_seconds)
         finally:
             w.stop()
         out["latency"] = [asdict(x) for x in lat]
         for x in lat:
             print(f"  {x.label:<44} {x.p50_us:8.0f} / {x.p99_us:8.0f} / {x.max_us:8.0f} us  ({x.samples} samples)")
+        p99 = {x.label: x.p99_us for x in lat}
+        busy, idle = p99["fd round trip, scanner at full speed"], p99["fd round trip, scanner idle"]
+        print(_ratio("latency", "busy/idle", busy, idle, "fd round trip p99"))
 
     if args.json:
         with open(args.json, "w") as f:

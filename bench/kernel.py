@@ -1,11 +1,14 @@
 """The host kernel's KSM (/sys/kernel/mm/ksm), driven for a side-by-side figure.
 
 Every setting we touch is saved first and written back on the way out, even
-when the measurement fails or is interrupted.
+when the measurement fails or is interrupted.  The settings are global to
+the machine, so two benchmarks (the short one runs inside ``make test``)
+take turns: each holds an exclusive lock while it has changed them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -19,6 +22,8 @@ KSM = Path("/sys/kernel/mm/ksm")
 # The settings a measurement changes, in the order they are restored
 # (``run`` last but one: stop scanning before putting the rate back).
 TOUCHED = ("run", "pages_to_scan", "sleep_millisecs")
+# Held while the settings are changed (see the module docstring).
+LOCK = Path("/tmp/cuse-ksm-bench-ksm.lock")
 
 
 def available() -> bool:
@@ -40,16 +45,20 @@ def write(name: str, value: int | str) -> None:
 @contextmanager
 def settings(**values: int) -> Iterator[dict[str, str]]:
     """Apply ``values`` (run, pages_to_scan, sleep_millisecs), restore the saved ones afterwards."""
-    saved = {name: read(name) for name in TOUCHED}
-    try:
-        for name in ("sleep_millisecs", "pages_to_scan", "run"):
-            if name in values:
-                write(name, values[name])
-        yield saved
-    finally:
-        write("run", "0")  # stop first, then put everything back
-        for name in ("pages_to_scan", "sleep_millisecs", "run"):
-            write(name, saved[name])
+    with open(LOCK, "a") as lock:
+        # Wait for another benchmark to put the settings back: saving them
+        # while it has changed them would "restore" its values, not ours.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = {name: read(name) for name in TOUCHED}
+        try:
+            for name in ("sleep_millisecs", "pages_to_scan", "run"):
+                if name in values:
+                    write(name, values[name])
+            yield saved
+        finally:
+            write("run", "0")  # stop first, then put everything back
+            for name in ("pages_to_scan", "sleep_millisecs", "run"):
+                write(name, saved[name])
 
 
 def ksmd_cpu_seconds() -> float:

@@ -14,8 +14,9 @@ Layouts:
     dup_pages - 1024.
 
 ``tail8``
-    SPEC section 5's worst case (Andrea Arcangeli's ksmpages test): every
-    page is zero but for its index in its last 8 bytes; nothing can merge.
+    The worst case for content-sorted trees (Andrea Arcangeli's 2009
+    ksmpages test): every page is zero but for its index in its last 8
+    bytes; nothing can merge.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096
+from cuse_ksm.abi import PAGE_SIZE
+
 DUP_CONTENTS = 1024
 
 CHILD_SOURCE = r"""

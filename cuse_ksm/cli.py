@@ -15,7 +15,7 @@ import sys
 
 import trio
 
-from cuse_ksm import __version__, controltree, status
+from cuse_ksm import __version__, controltree, kksmd, status
 from cuse_ksm.daemon import NoCuseError, NodeAccess, Server, open_cuse_channel
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
@@ -126,7 +126,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            await nursery.start(engine.run)
+            await nursery.start(kksmd.run, engine)
             if stats_dir:
                 # Imported here: pyfuse3 (libfuse3) is needed only by a daemon that mounts.
                 from cuse_ksm import controlfs

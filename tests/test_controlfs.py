@@ -20,7 +20,7 @@ import pyfuse3
 import pytest
 import trio
 
-from cuse_ksm import abi, controlfs, controltree
+from cuse_ksm import abi, controlfs, controltree, kksmd
 from cuse_ksm.controltree import ControlTree
 from cuse_ksm.engine import Engine
 from tests.conftest import BAD_WRITES, READ_ONLY, ROOT, get_info, is_mounted, kthread_ioctl, mount_dir, needs_fuse, run
@@ -75,7 +75,7 @@ async def mounted(nursery: trio.Nursery) -> AsyncIterator[tuple[Engine, str]]:
     space.map(0x10000, [page(7)] * 16 + [unique_page(1)])
     engine.register(engine.new_sma(), space, 0x10000, 17)
     with mount_dir() as path:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         await nursery.start(controlfs.serve, engine, path)
         yield engine, path
         nursery.cancel_scope.cancel()

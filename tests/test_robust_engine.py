@@ -5,7 +5,7 @@ and 2**32-1, unaligned, NULL, kernel, unmapped and overlapping addresses,
 the same region twice), REMOVE, release, writes that make and break
 duplicates, unmapping, remapping and mprotect under the scanner, a
 registered process exiting, and max_kernel_pages changes - while kksmd runs
-for real (``Engine.run`` in a trio nursery) and synchronously
+for real (``kksmd.run`` in a trio nursery) and synchronously
 (``scan_now``).  The memory is real: this process's own pages and a
 child's, read through :class:`ProcessMemory` exactly as the daemon reads
 them.  After every step :func:`cuse_ksm.engine.check.check_engine` recounts
@@ -15,19 +15,24 @@ the counters are back to zero.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import mmap
 import os
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cuse_ksm.engine import Engine, KsmPage
+from cuse_ksm import kksmd
+from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.engine import Engine, KsmPage, RmapChunk, Slot
 from cuse_ksm.engine.check import EngineInconsistent, check_engine, problems
 from cuse_ksm.engine.trees import MERGED
-from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
+from cuse_ksm.host.procmem import ProcessMemory
 from tests.host.child import Child
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory: needs root")
@@ -48,7 +53,7 @@ def _unmapped_address() -> int:
     addr = _libc.mmap(None, 16 * PAGE_SIZE, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     assert addr not in (None, ctypes.c_void_p(-1).value)
     _libc.munmap(addr, 16 * PAGE_SIZE)
-    return addr
+    return int(addr)
 
 
 class OwnMemory:
@@ -126,6 +131,9 @@ class ChildMemory:
                 pipe.close()
 
 
+# One step of a fuzzed run: its kind, then its arguments (see operations()).
+Op = tuple[Any, ...]
+
 ADDRESSES = ["base", "inside", "unaligned", "null", "kernel", "top", "unmapped", "noncanonical"]
 npages_st = st.one_of(st.sampled_from([0, 1, NPAGES, NPAGES, NPAGES, 2**32 - 1, 2**31]), st.integers(0, 2 * NPAGES))
 # Half the registrations name the memory itself, so that pages do merge.
@@ -133,8 +141,8 @@ address_st = st.one_of(st.sampled_from(["base", "inside"]), st.sampled_from(ADDR
 
 
 @st.composite
-def operations(draw: st.DrawFn) -> list[tuple]:
-    ops: list[tuple] = []
+def operations(draw: st.DrawFn) -> list[Op]:
+    ops: list[Op] = []
     if draw(st.booleans()):
         # Duplicates in both memories, registered: the ops then act on merged state.
         ops += [("fill", "own", 0, 16, 0x11), ("fill", "child", 8, 16, 0x11)]
@@ -179,67 +187,98 @@ def address(kind: str, mem: OwnMemory | ChildMemory, first: int, unmapped: int) 
     }[kind]
 
 
-async def run_ops(ops: list[tuple]) -> None:
-    fds_before = len(os.listdir("/proc/self/fd"))
+def open_fds() -> dict[int, str]:
+    """This process's open fds, each with what it names.
+
+    Garbage left by earlier tests (a pipe's file object in a reference
+    cycle) can hold an fd that the collector closes at any moment, during
+    the run as well: collect it first, and compare fds by what they are,
+    not by their number, so that an fd closing meanwhile cannot hide - or
+    fake - one that the run leaked.
+    """
+    gc.collect()
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        # FileNotFoundError: the fd listdir() read the directory through, closed by now.
+        with contextlib.suppress(FileNotFoundError):
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def sole(group: BaseExceptionGroup) -> BaseException:
+    """The one exception in a (nested) group, else the group itself."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def run_ops(ops: list[Op]) -> None:
+    fds_before = open_fds()
     engine = Engine()
     own, child = OwnMemory(), ChildMemory()
-    mems = {"own": own, "child": child}
+    mems: dict[str, OwnMemory | ChildMemory] = {"own": own, "child": child}
     unmapped = _unmapped_address()
     smas = [engine.new_sma()]
-    registered: list[tuple] = []
+    registered: list[Op] = []
     merged = False
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(engine.run)
-            for op in ops:
-                kind = op[0]
-                if kind == "sma":
-                    smas.append(engine.new_sma())
-                elif kind in ("register", "again"):
-                    if kind == "again":
-                        if not registered:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(kksmd.run, engine)
+                for op in ops:
+                    kind = op[0]
+                    if kind == "sma":
+                        smas.append(engine.new_sma())
+                    elif kind in ("register", "again"):
+                        if kind == "again":
+                            if not registered:
+                                continue
+                            op = registered[op[1] % len(registered)]
+                        _, who, i, addr_kind, first, npages = op
+                        mem = mems[who]
+                        sma = smas[i % len(smas)]
+                        try:
+                            space = ProcessMemory.open(mem.pid)
+                        except ProcessLookupError:
+                            assert not mem.alive
                             continue
-                        op = registered[op[1] % len(registered)]
-                    _, who, i, addr_kind, first, npages = op
-                    mem = mems[who]
-                    sma = smas[i % len(smas)]
-                    try:
-                        space = ProcessMemory.open(mem.pid)
-                    except ProcessLookupError:
-                        assert not mem.alive
-                        continue
-                    if sma.id not in engine.smas:
-                        with pytest.raises(LookupError):
-                            engine.register(sma, space, address(addr_kind, mem, first, unmapped), npages)
-                        space.close()
-                        continue
-                    engine.register(sma, space, address(addr_kind, mem, first, unmapped), npages)
-                    registered.append(op)
-                elif kind == "remove":
-                    engine.remove_regions(smas[op[1] % len(smas)])
-                elif kind == "release":
-                    engine.release_sma(smas[op[1] % len(smas)])
-                elif kind == "fill":
-                    mems[op[1]].fill(*op[2:])
-                elif kind in ("remap", "protect"):
-                    getattr(mems[op[1]], kind)(*op[2:])
-                elif kind == "scan":
-                    engine.scan_now(op[1])
-                elif kind == "run":
-                    # kksmd for real: the trio task scans between our steps.
-                    engine.set_kthread(sleep=0, pages_to_scan=op[1], flags=1)
-                    for _ in range(op[2] + 1):
-                        await trio.sleep(0)
-                    engine.set_kthread(sleep=0, pages_to_scan=op[1], flags=0)
-                elif kind == "exit":
-                    child.exit()
-                elif kind == "limit":
-                    engine.max_kernel_pages = op[1]
-                check_engine(engine)
-                if engine.counters().pages_sharing:
-                    merged = True
-            event(f"merged: {merged}; slots at the end: {min(len(engine.slots), 3)}")
-            nursery.cancel_scope.cancel()
+                        if sma.id not in engine.smas:
+                            with pytest.raises(LookupError):
+                                engine.register(sma, space, address(addr_kind, mem, first, unmapped), npages)
+                            space.close()
+                            continue
+                        engine.register(sma, space, address(addr_kind, mem, first, unmapped), npages)
+                        registered.append(op)
+                    elif kind == "remove":
+                        engine.remove_regions(smas[op[1] % len(smas)])
+                    elif kind == "release":
+                        engine.release_sma(smas[op[1] % len(smas)])
+                    elif kind == "fill":
+                        mems[op[1]].fill(*op[2:])
+                    elif kind in ("remap", "protect"):
+                        getattr(mems[op[1]], kind)(*op[2:])
+                    elif kind == "scan":
+                        engine.scan_now(op[1])
+                    elif kind == "run":
+                        # kksmd for real: the trio task scans between our steps.
+                        engine.set_kthread(sleep=0, pages_to_scan=op[1], flags=1)
+                        for _ in range(op[2] + 1):
+                            await trio.sleep(0)
+                        engine.set_kthread(sleep=0, pages_to_scan=op[1], flags=0)
+                    elif kind == "exit":
+                        child.exit()
+                    elif kind == "limit":
+                        engine.max_kernel_pages = op[1]
+                    check_engine(engine)
+                    if engine.counters().pages_sharing:
+                        merged = True
+                event(f"merged: {merged}; slots at the end: {min(len(engine.slots), 3)}")
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Newer trio wraps what a step raised in an ExceptionGroup: give
+            # hypothesis the failure itself, so that it tells failures apart.
+            raise sole(group) from None
         for sma in smas:
             engine.release_sma(sma)
         check_engine(engine)
@@ -249,16 +288,17 @@ async def run_ops(ops: list[tuple]) -> None:
     finally:
         own.close()
         child.close()
-    assert len(os.listdir("/proc/self/fd")) == fds_before, "a pinned address space leaked its fds"
+    leaked = {fd: what for fd, what in open_fds().items() if fds_before.get(fd) != what}
+    assert not leaked, f"fds opened during the run are still open (a pinned address space?): {leaked}"
 
 
 @FUZZ
 @given(operations())
-def test_engine_stays_consistent_over_real_memory(ops):
+def test_engine_stays_consistent_over_real_memory(ops: list[Op]) -> None:
     trio.run(run_ops, ops)
 
 
-def test_duplicates_merge_under_the_fuzzer_setup():
+def test_duplicates_merge_under_the_fuzzer_setup() -> None:
     """The setup can merge at all (else the fuzzer would prove little): fill, scan, merged."""
 
     async def main() -> None:
@@ -279,7 +319,7 @@ def test_duplicates_merge_under_the_fuzzer_setup():
     trio.run(main)
 
 
-def test_the_checker_catches_each_kind_of_corruption():
+def test_the_checker_catches_each_kind_of_corruption() -> None:
     """Every invariant the checker guards can fail: corrupt a healthy engine one way at a time."""
     own = OwnMemory()
     own.fill(0, 8, 0x5A)
@@ -293,7 +333,7 @@ def test_the_checker_catches_each_kind_of_corruption():
         check_engine(engine)
         return engine
 
-    def first_merged(engine: Engine):
+    def first_merged(engine: Engine) -> tuple[Slot, RmapChunk, int]:
         slot = engine.slots[0]
         chunk = slot.chunks[0]
         return slot, chunk, list(chunk.state).index(MERGED)
@@ -306,7 +346,7 @@ def test_the_checker_catches_each_kind_of_corruption():
         next(iter(e.stable)).sharers += 1
 
     def counter_off(e: Engine) -> None:
-        e._sharers += 1
+        e.scanner.tally.sharers += 1
 
     def pages_merged_off(e: Engine) -> None:
         e.slots[0].pages_merged -= 1
@@ -319,20 +359,20 @@ def test_the_checker_catches_each_kind_of_corruption():
         kpage.data = bytes(PAGE_SIZE)
 
     def ring_lost(e: Engine) -> None:
-        e._ring.clear()
+        e.registry.ring.clear()
 
     def slot_without_sma(e: Engine) -> None:
         e.smas.clear()
 
     def item_past_end(e: Engine) -> None:
         e.slots[0].chunks[0].state[200] = 1
-        e._items += 1
+        e.scanner.tally.items += 1
 
     def live_pages_off(e: Engine) -> None:
-        e._live_pages += 1
+        e.registry.live_pages += 1
 
     def scanner_error(e: Engine) -> None:
-        e.errors += 1
+        e.scanner.tally.errors += 1
 
     try:
         for corrupt in (

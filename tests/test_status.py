@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from cuse_ksm import controlfs, status
+from cuse_ksm import controlfs, kksmd, status
 from cuse_ksm.engine import Engine
 from tests.conftest import ROOT, mount_dir, needs_fuse, run
 from tests.engine.fakes import FakeSpace, page
@@ -145,7 +145,7 @@ async def test_status_of_a_live_mount(nursery: trio.Nursery) -> None:
     engine.register(engine.new_sma(), space, 0x20000, 64)
     engine.set_kthread(0, 64, 1)
     with mount_dir() as path:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         await nursery.start(controlfs.serve, engine, path)
         with trio.fail_after(10):
             while engine.counters().pages_sharing != 63:

@@ -1,10 +1,20 @@
 """The KSM engine: registered memory, kthread parameters and the scanner.
 
-Pure logic over an :class:`AddressSpace` interface; it never imports the
-transport (``protocol``, ``daemon``) nor the device semantics.
+Pure logic over an :class:`AddressSpace` interface: it never imports the
+transport (``protocol``, ``daemon``), the device semantics, nor trio - it
+never waits.  The trio task that runs the scanner is cuse_ksm/kksmd.py.
+
+- ``trees``: the stable and unstable trees and the reverse-map items;
+- ``registry``: SMAs, slots and the address spaces they pin;
+- ``scanner``: the scan cursor and the per-page algorithm;
+- ``counters``: the scanner's running counts and the counters they mean;
+- ``core``: :class:`Engine`, the face the device and control files use;
+- ``check``: a full consistency walk, for tests.
 """
 
-from cuse_ksm.engine.core import AddressSpace, Counters, Engine, Slot, Sma
+from cuse_ksm.engine.core import Engine
+from cuse_ksm.engine.counters import Counters
+from cuse_ksm.engine.registry import AddressSpace, Slot, Sma
 from cuse_ksm.engine.trees import KsmPage, RmapChunk, RmapItem, StableTree, UnstableTree
 
 __all__ = [

@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 
 from xxhash import xxh3_64_intdigest
 
-from cuse_ksm.engine.trees import CHUNK_PAGES, CHUNK_SHIFT, ITEM, MERGED, NO_ITEM, PAGE_SIZE, UNSTABLE
+from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.engine.trees import CHUNK_PAGES, CHUNK_SHIFT, ITEM, MERGED, NO_ITEM, UNSTABLE
 
 if TYPE_CHECKING:
     from cuse_ksm.engine.core import Engine
+    from cuse_ksm.engine.trees import KsmPage
 
 _STATES = (NO_ITEM, ITEM, UNSTABLE, MERGED)
 
@@ -36,22 +38,6 @@ class EngineInconsistent(AssertionError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("engine state inconsistent:\n  " + "\n  ".join(problems))
         self.problems = problems
-
-
-def recount(engine: Engine) -> dict[str, object]:
-    """What the counters should be, from the reverse-map items alone."""
-    items = unshared = sharers = 0
-    by_kpage: Counter[int] = Counter()
-    for slot in engine.slots:
-        for chunk in slot.chunks.values():
-            state = chunk.state
-            items += CHUNK_PAGES - state.count(NO_ITEM)
-            unshared += state.count(UNSTABLE)
-            for k in range(CHUNK_PAGES):
-                if state[k] == MERGED:
-                    sharers += 1
-                    by_kpage[chunk.word[k]] += 1
-    return {"items": items, "unshared": unshared, "sharers": sharers, "by_kpage": by_kpage}
 
 
 def problems(engine: Engine) -> list[str]:
@@ -73,10 +59,10 @@ def problems(engine: Engine) -> list[str]:
     seqs = [s.seq for s in engine.slots]
     if seqs != sorted(seqs):
         bad(f"slots not in registration order: {seqs}")
-    ring = dict(engine._ring.items())
+    ring = dict(engine.registry.ring.items())
     if set(ring) != set(seqs) or any(ring[s.seq] is not s for s in engine.slots):
         bad("the scan ring does not hold exactly the registered slots")
-    numbered = engine._numbered
+    numbered = engine.scanner.numbered
     for slot in engine.slots:
         if not (0 < slot.no < len(numbered)) or numbered[slot.no] is not slot:
             bad(f"slot {slot.seq} has unstable-tree number {slot.no}, which names another slot")
@@ -87,8 +73,8 @@ def problems(engine: Engine) -> list[str]:
         if getattr(slot.space, "closed", False):
             bad(f"slot {slot.seq} holds a closed address space")
     live_pages = sum(s.npages for s in engine.slots if not s.gone)
-    if engine._live_pages != live_pages:
-        bad(f"_live_pages {engine._live_pages}, recount {live_pages}")
+    if engine.registry.live_pages != live_pages:
+        bad(f"live_pages {engine.registry.live_pages}, recount {live_pages}")
 
     # -- reverse map --------------------------------------------------------------
     items = unshared = sharers = 0
@@ -133,9 +119,11 @@ def problems(engine: Engine) -> list[str]:
     # -- stable tree ----------------------------------------------------------------
     reached: Counter[int] = Counter()
     for checksum, head in stable.by_checksum.items():
-        kpage, hops = head, 0
+        chained: KsmPage | None = head
+        hops = 0
         contents: set[bytes] = set()
-        while kpage is not None:
+        while chained is not None:
+            kpage = chained
             hops += 1
             if hops > len(stable.by_id) + 1:
                 bad(f"digest chain {checksum:#x} loops")
@@ -150,7 +138,7 @@ def problems(engine: Engine) -> list[str]:
             if kpage.data in contents:
                 bad(f"two shared pages hold the same content under digest {checksum:#x}")
             contents.add(kpage.data)
-            kpage = kpage.next
+            chained = kpage.next
     for kid, kpage in stable.by_id.items():
         if kpage.id != kid:
             bad(f"shared page {kpage.id} filed under id {kid}")
@@ -178,12 +166,13 @@ def problems(engine: Engine) -> list[str]:
             bad(f"unstable table more than half full ({len(ut)}/{cells})")
 
     # -- counters -------------------------------------------------------------------
-    if engine._items != items:
-        bad(f"_items {engine._items}, recount {items}")
-    if engine._unshared != unshared:
-        bad(f"_unshared {engine._unshared}, recount {unshared}")
-    if engine._sharers != sharers:
-        bad(f"_sharers {engine._sharers}, recount {sharers}")
+    tally = engine.scanner.tally
+    if tally.items != items:
+        bad(f"tally.items {tally.items}, recount {items}")
+    if tally.unshared != unshared:
+        bad(f"tally.unshared {tally.unshared}, recount {unshared}")
+    if tally.sharers != sharers:
+        bad(f"tally.sharers {tally.sharers}, recount {sharers}")
     c = engine.counters()
     if c.pages_shared != len(stable.by_id) or c.pages_shared != len(by_kpage):
         bad(f"pages_shared {c.pages_shared}, shared pages {len(stable.by_id)}, in use {len(by_kpage)}")
@@ -196,9 +185,9 @@ def problems(engine: Engine) -> list[str]:
     for name in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans", "pages_scanned"):
         if getattr(c, name) < 0:
             bad(f"{name} is negative: {getattr(c, name)}")
-    k = engine.kthread
-    if not (0 <= k.sleep < 2**32 and 0 <= k.pages_to_scan < 2**32 and 0 <= k.flags < 2**32):
-        bad(f"kthread parameters out of range: {k}")
+    kt = engine.kthread
+    if not (0 <= kt.sleep < 2**32 and 0 <= kt.pages_to_scan < 2**32 and 0 <= kt.flags < 2**32):
+        bad(f"kthread parameters out of range: {kt}")
     if engine.errors:
         bad(f"the scanner caught {engine.errors} unexpected exception(s)")
     return out

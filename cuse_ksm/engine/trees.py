@@ -14,13 +14,13 @@ cost 4 KiB per registered page.
 So both trees here are keyed by a 64-bit xxh3 digest of the page, and
 ordered by nothing: a hash table finds "a page that might be equal" in one
 probe instead of log2(n) memcmp()s, and the worst case for content-sorted
-trees (pages equal but for their last bytes, see SPEC section 5) costs no
-more than any other content.  Equal digests are only a *hint*: every merge
+trees (pages equal but for their last bytes, as in Andrea Arcangeli's 2009
+ksmpages test) costs no more than any other content.  Equal digests are only a *hint*: every merge
 is preceded by a full byte comparison of both pages, so a digest collision
 (accidental or crafted; xxh3 is not a cryptographic hash) can at worst cost
 a wasted comparison, never a wrong merge.  Ordered structures do serve
 elsewhere: the scan cursor walks the slots in registration order
-(see core.py).
+(see scanner.py).
 
 Memory: the kernel spends about 64 bytes per scanned page on its reverse
 map.  A Python object per page would cost more than that by itself, so the
@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import mmap
 from array import array
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, KeysView
+from dataclasses import dataclass
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from cuse_ksm.abi import PAGE_SIZE
+
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 # One chunk of reverse-map items covers this many consecutive pages of a
 # slot; it is also the largest batch the scanner reads with one system call
@@ -73,7 +74,8 @@ class RmapChunk:
         self.state = array("B", _ZERO_STATES)
 
 
-class RmapItem(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class RmapItem:
     """A view of the reverse-map item of one (slot, page index)."""
 
     slot: object
@@ -116,10 +118,14 @@ class StableTree:
     so the digest is never trusted on its own.
     """
 
-    __slots__ = ("_by_checksum", "_by_id", "_free_ids", "_next_id")
+    __slots__ = ("_by_checksum", "_by_id", "_free_ids", "_next_id", "digests")
 
     def __init__(self) -> None:
         self._by_checksum: dict[int, KsmPage] = {}
+        # The digests of the shared pages, a live view: a page whose digest
+        # is not in it equals no shared page.  Most pages the scanner sees
+        # are not in it, and asking costs no Python call (see find()).
+        self.digests: KeysView[int] = self._by_checksum.keys()
         # RmapChunk.word stores the id of the shared page a merged page maps;
         # ids of freed pages are reused so they stay small.
         self._by_id: dict[int, KsmPage] = {}
@@ -129,7 +135,7 @@ class StableTree:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[KsmPage]:
         return iter(self._by_id.values())
 
     @property
@@ -140,9 +146,17 @@ class StableTree:
     def by_id(self) -> dict[int, KsmPage]:
         return self._by_id
 
-    def find(self, checksum: int, data: bytes) -> KsmPage | None:
-        """The shared page whose content is exactly ``data``, if any."""
+    def find(self, checksum: int, page: memoryview) -> KsmPage | None:
+        """The shared page whose content is exactly ``page`` (whose digest is ``checksum``), if any.
+
+        ``page`` is a view (of the scanner's read buffer): it is copied for
+        the byte comparison only when a digest matches.  The scanner calls
+        this for pages whose digest is in :attr:`digests`.
+        """
         kpage = self._by_checksum.get(checksum)
+        if kpage is None:
+            return None
+        data = page.tobytes()
         while kpage is not None and kpage.data != data:
             kpage = kpage.next
         return kpage
@@ -174,6 +188,10 @@ class StableTree:
                 head = head.next
             head.next = kpage.next
         kpage.next = None
+
+
+# The unstable tree's match check: (candidate loc, checksum, page) -> still there and identical?
+Confirm = Callable[[int, int, memoryview], bool]
 
 
 def _table(cells: int) -> tuple[memoryview, memoryview]:
@@ -214,7 +232,7 @@ class UnstableTree:
     caller's check of the item's state.
     """
 
-    __slots__ = ("_count", "_locs", "_mask", "_tags")
+    __slots__ = ("_count", "_limit", "_locs", "_mask", "_tags")
 
     MIN_CELLS = 1024
 
@@ -231,25 +249,25 @@ class UnstableTree:
             cells <<= 1
         self._tags, self._locs = _table(cells)
         self._mask = cells - 1
+        self._limit = cells // 2  # grow once more than half full
         self._count = 0
 
     def arrays(self) -> tuple[memoryview, memoryview, int]:
-        """(tags, locs, mask), for the scanner's inlined probe; valid until the next grow() or reset()."""
+        """(tags, locs, mask), for inspection (the consistency checker); valid until the next grow() or reset()."""
         return self._tags, self._locs, self._mask
-
-    def add_count(self, n: int) -> None:
-        """Account for ``n`` entries stored through :meth:`arrays`."""
-        self._count += n
 
     def nbytes(self) -> int:
         """Size of the table (all of it, as if every page of it had been touched)."""
         return self._tags.nbytes + self._locs.nbytes
 
-    def search_insert(self, checksum: int, loc: int, same: Callable[[int], bool]) -> int:
+    def search_insert(self, checksum: int, loc: int, page: memoryview, same: Confirm) -> int:
         """Return the ``loc`` of an entry that ``same`` confirms, else insert ``loc`` and return 0.
 
-        ``same(candidate_loc)`` is called only for entries whose tag matches;
-        it must check the candidate is still valid and byte-identical.
+        ``same(candidate_loc, checksum, page)`` is called only for entries
+        whose tag matches; it must check that the candidate is still valid
+        and byte-identical to ``page``.  This is the scanner's per-page call
+        for every page that passed the checksum gate, so it reads the table
+        into locals once and touches nothing else on the common path.
         """
         tag = checksum >> 32
         mask = self._mask
@@ -258,14 +276,14 @@ class UnstableTree:
         i = tag & mask
         cand = locs[i]
         while cand:
-            if tags[i] == tag and same(cand):
+            if tags[i] == tag and same(cand, checksum, page):
                 return cand
             i = (i + 1) & mask
             cand = locs[i]
         tags[i] = tag
         locs[i] = loc
         self._count += 1
-        if 2 * self._count > mask + 1:
+        if self._count > self._limit:
             self.grow()
         return 0
 
@@ -283,4 +301,4 @@ class UnstableTree:
                     i = (i + 1) & mask
                 tags[i] = tag
                 locs[i] = loc
-        self._tags, self._locs, self._mask = tags, locs, mask
+        self._tags, self._locs, self._mask, self._limit = tags, locs, mask, cells // 2

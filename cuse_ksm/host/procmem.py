@@ -51,10 +51,10 @@ import re
 import select
 from dataclasses import dataclass, field
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.host.libc import Iovec, process_vm_readv
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PM_ENTRY = 8  # bytes per pagemap entry
 # Bit 63 of a pagemap entry: the page is present in RAM.  It is the top bit
 # of the entry's last byte (little-endian), so the presence of n pages is
@@ -179,9 +179,6 @@ class ProcessMemory:
             raise ProcessLookupError(f"process {tgid} exited while registering")
         return space
 
-    def exited(self) -> bool:
-        return pidfd_exited(self.pidfd)
-
     def alive(self) -> bool:
         """The pinned process has not exited and the pinned mm still has users.
 
@@ -264,7 +261,7 @@ class ProcessMemory:
             liov[r].iov_len = length
             riov[r].iov_base = addr + (start << PAGE_SHIFT)
             riov[r].iov_len = length
-        got = process_vm_readv(self.tgid, liov, nruns, riov, nruns, 0)
+        got: int = process_vm_readv(self.tgid, liov, nruns, riov, nruns, 0)
         if got >= 0:
             return got
         if ctypes.get_errno() == errno.ESRCH or not self.alive():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import mmap
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
-from cuse_ksm.engine.trees import PAGE_SIZE
 
 
 def page(fill: int, tail: bytes = b"") -> bytes:

@@ -6,9 +6,10 @@ import random
 
 import pytest
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine, Slot, StableTree, UnstableTree
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.engine.trees import ITEM, MERGED, PAGE_SIZE, UNSTABLE
+from cuse_ksm.engine.trees import ITEM, MERGED, UNSTABLE
 from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
 
 A = 0x7F00_0000_0000
@@ -28,7 +29,7 @@ def setup(*spaces_pages: tuple[int, list[bytes]]) -> tuple[Engine, list[FakeSpac
 
 
 @pytest.mark.parametrize("n", [2, 3, 10, 300])
-def test_identical_pages_across_two_processes_merge_after_two_full_scans(n):
+def test_identical_pages_across_two_processes_merge_after_two_full_scans(n: int) -> None:
     same = page(0xAB)
     first = n // 2
     engine, _, _ = setup(
@@ -55,7 +56,7 @@ def test_identical_pages_across_two_processes_merge_after_two_full_scans(n):
     check_engine(engine)
 
 
-def test_merge_needs_two_passes_even_within_one_process():
+def test_merge_needs_two_passes_even_within_one_process() -> None:
     engine, _, _ = setup((A, [page(1), page(1)]))
     full_scans(engine, 1)
     assert engine.counters().pages_shared == 0
@@ -63,7 +64,7 @@ def test_merge_needs_two_passes_even_within_one_process():
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 1)
 
 
-def test_unique_pages_are_never_merged():
+def test_unique_pages_are_never_merged() -> None:
     engine, _, _ = setup((A, [unique_page(i) for i in range(600)]), (B, [unique_page(1000 + i) for i in range(7)]))
     full_scans(engine, 4)
     c = engine.counters()
@@ -71,7 +72,7 @@ def test_unique_pages_are_never_merged():
     check_engine(engine)
 
 
-def test_pages_equal_but_for_the_last_8_bytes_are_never_merged():
+def test_pages_equal_but_for_the_last_8_bytes_are_never_merged() -> None:
     contents = [page(0, i.to_bytes(8, "little")) for i in range(1000)]
     engine, _, _ = setup((A, contents[:500]), (B, contents[500:]))
     full_scans(engine, 3)
@@ -79,7 +80,7 @@ def test_pages_equal_but_for_the_last_8_bytes_are_never_merged():
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (0, 0, 1000)
 
 
-def test_a_page_written_between_passes_is_volatile_and_not_merged():
+def test_a_page_written_between_passes_is_volatile_and_not_merged() -> None:
     engine, spaces, _ = setup((A, [page(7)]), (B, [page(7)]))
     full_scans(engine, 1)
     spaces[1].write(B, page(8))  # changes after its first sight
@@ -99,7 +100,7 @@ def test_a_page_written_between_passes_is_volatile_and_not_merged():
     check_engine(engine)
 
 
-def test_a_page_that_keeps_changing_is_never_merged():
+def test_a_page_that_keeps_changing_is_never_merged() -> None:
     engine, spaces, _ = setup((A, [page(1), page(1)]), (B, [page(1)]))
     for i in range(6):
         full_scans(engine, 1)
@@ -109,7 +110,7 @@ def test_a_page_that_keeps_changing_is_never_merged():
     assert engine.rmap_item(engine.slots[1], 0).kpage is None
 
 
-def test_a_merged_page_then_written_is_unshared_on_the_next_pass():
+def test_a_merged_page_then_written_is_unshared_on_the_next_pass() -> None:
     engine, spaces, slots = setup((A, [page(5)] * 3), (B, [page(5)]))
     full_scans(engine, 2)
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 3)
@@ -127,7 +128,7 @@ def test_a_merged_page_then_written_is_unshared_on_the_next_pass():
     check_engine(engine)
 
 
-def test_the_shared_page_is_freed_when_its_last_sharer_leaves():
+def test_the_shared_page_is_freed_when_its_last_sharer_leaves() -> None:
     engine, spaces, _ = setup((A, [page(5)]), (B, [page(5)]))
     full_scans(engine, 2)
     assert engine.counters().pages_shared == 1
@@ -142,7 +143,7 @@ def test_the_shared_page_is_freed_when_its_last_sharer_leaves():
     check_engine(engine)
 
 
-def test_stable_tree_first_a_new_page_equal_to_a_shared_page_merges_in_one_pass():
+def test_stable_tree_first_a_new_page_equal_to_a_shared_page_merges_in_one_pass() -> None:
     engine, _, _ = setup((A, [page(5), page(5)]))
     full_scans(engine, 2)
     sma = engine.new_sma()
@@ -153,7 +154,7 @@ def test_stable_tree_first_a_new_page_equal_to_a_shared_page_merges_in_one_pass(
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 5)
 
 
-def test_max_kernel_pages_caps_the_shared_pages():
+def test_max_kernel_pages_caps_the_shared_pages() -> None:
     contents = [page(i) for i in range(10)]
     engine, _, _ = setup((A, contents), (B, contents))
     engine.max_kernel_pages = 4
@@ -169,7 +170,7 @@ def test_max_kernel_pages_caps_the_shared_pages():
     check_engine(engine)
 
 
-def test_max_kernel_pages_does_not_stop_sharers_joining_existing_shared_pages():
+def test_max_kernel_pages_does_not_stop_sharers_joining_existing_shared_pages() -> None:
     engine, _, _ = setup((A, [page(1)] * 3 + [page(2)] * 3))
     engine.max_kernel_pages = 1
     full_scans(engine, 3)
@@ -177,7 +178,7 @@ def test_max_kernel_pages_does_not_stop_sharers_joining_existing_shared_pages():
     assert (c.pages_shared, c.pages_sharing) == (1, 2)
 
 
-def test_not_present_pages_are_skipped_and_unmapping_drops_their_items():
+def test_not_present_pages_are_skipped_and_unmapping_drops_their_items() -> None:
     engine, spaces, slots = setup((A, [page(3)] * 8), (B, [page(3)] * 8))
     spaces[0].unmap(A + 4 * PAGE_SIZE, 4)  # never touched: not present
     full_scans(engine, 2)
@@ -197,7 +198,7 @@ def test_not_present_pages_are_skipped_and_unmapping_drops_their_items():
     assert slots[0].chunks == {} or not any(slots[0].chunks[0].state)
 
 
-def test_process_exit_drops_its_pages_counters_return_to_what_remains():
+def test_process_exit_drops_its_pages_counters_return_to_what_remains() -> None:
     same = page(9)
     engine, spaces, slots = setup((A, [same] * 3 + [unique_page(1)]), (B, [same] * 2 + [unique_page(2)]))
     full_scans(engine, 2)
@@ -215,7 +216,7 @@ def test_process_exit_drops_its_pages_counters_return_to_what_remains():
     assert engine.scan_now(1000) == 0
 
 
-def test_remove_mid_scan():
+def test_remove_mid_scan() -> None:
     engine = Engine()
     sma1, sma2 = engine.new_sma(), engine.new_sma()
     s1, s2 = FakeSpace(1), FakeSpace(2)
@@ -239,7 +240,7 @@ def test_remove_mid_scan():
     assert len(engine.stable) == 0 and engine.slots == []
 
 
-def test_remove_empties_the_unstable_tree():
+def test_remove_empties_the_unstable_tree() -> None:
     engine, _, _ = setup((A, [unique_page(i) for i in range(10)]), (B, [unique_page(100)]))
     full_scans(engine, 1)
     engine.scan_now(10)  # the second pass, but for its last page
@@ -255,7 +256,7 @@ def test_remove_empties_the_unstable_tree():
     check_engine(engine)
 
 
-def test_cursor_survives_slots_added_and_removed_mid_pass():
+def test_cursor_survives_slots_added_and_removed_mid_pass() -> None:
     engine = Engine()
     smas = [engine.new_sma() for _ in range(4)]
     spaces = [FakeSpace(i) for i in range(4)]
@@ -274,7 +275,7 @@ def test_cursor_survives_slots_added_and_removed_mid_pass():
     assert engine.counters().pages_scanned == 300
 
 
-def test_unaligned_and_empty_slots():
+def test_unaligned_and_empty_slots() -> None:
     engine = Engine()
     sma = engine.new_sma()
     space = FakeSpace()
@@ -286,7 +287,7 @@ def test_unaligned_and_empty_slots():
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 3)
 
 
-def test_huge_npages_over_unmapped_memory_costs_no_memory():
+def test_huge_npages_over_unmapped_memory_costs_no_memory() -> None:
     engine = Engine()
     sma = engine.new_sma()
     space = FakeSpace()
@@ -296,7 +297,7 @@ def test_huge_npages_over_unmapped_memory_costs_no_memory():
     assert len(slot.chunks) == 1
 
 
-def test_a_space_raising_is_contained():
+def test_a_space_raising_is_contained() -> None:
     engine, spaces, _ = setup((A, [page(1)] * 2), (B, [page(1)] * 2))
     spaces[0].fail = OSError("boom")
     full_scans(engine, 2)
@@ -304,7 +305,7 @@ def test_a_space_raising_is_contained():
     assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 1)
 
 
-def test_rmap_item_view():
+def test_rmap_item_view() -> None:
     engine, _, slots = setup((A, [page(1), page(1), unique_page(3)]))
     full_scans(engine, 1)
     assert engine.rmap_item(slots[0], 2).state == ITEM
@@ -314,43 +315,54 @@ def test_rmap_item_view():
     assert engine.rmap_item(slots[0], 2).state == UNSTABLE
 
 
-def test_stable_tree_chains_digest_collisions():
+def test_stable_tree_chains_digest_collisions() -> None:
     tree = StableTree()
     a = tree.insert(42, b"a" * PAGE_SIZE)
     b = tree.insert(42, b"b" * PAGE_SIZE)
     c = tree.insert(42, b"c" * PAGE_SIZE)
-    assert tree.find(42, b"a" * PAGE_SIZE) is a
-    assert tree.find(42, b"b" * PAGE_SIZE) is b
-    assert tree.find(42, b"d" * PAGE_SIZE) is None
+
+    def view(fill: bytes) -> memoryview:  # the scanner passes a view of its read buffer
+        return memoryview(fill * PAGE_SIZE)
+
+    assert set(tree.digests) == {42}
+    assert tree.find(42, view(b"a")) is a
+    assert tree.find(42, view(b"b")) is b
+    assert tree.find(42, view(b"d")) is None
+    assert tree.find(43, view(b"a")) is None  # same content, other digest: not looked at
     tree.remove(b)
-    assert tree.find(42, b"b" * PAGE_SIZE) is None and tree.find(42, b"a" * PAGE_SIZE) is a
+    assert tree.find(42, view(b"b")) is None and tree.find(42, view(b"a")) is a
     tree.remove(c)
     tree.remove(a)
-    assert len(tree) == 0 and not tree.by_checksum
+    assert len(tree) == 0 and not tree.by_checksum and 42 not in tree.digests
     assert tree.insert(1, b"x").id in (1, 2, 3)  # ids are reused
+    assert 1 in tree.digests  # a live view
 
 
-def test_unstable_tree_candidates_are_confirmed_and_collisions_kept():
+def test_unstable_tree_candidates_are_confirmed_and_collisions_kept() -> None:
     tree = UnstableTree()
     asked = []
+    page_a = memoryview(page(0xA))
 
-    def never(loc):
-        asked.append(loc)
+    def never(loc: int, checksum: int, candidate: memoryview) -> bool:
+        asked.append((loc, checksum, candidate))
         return False
 
+    def only_2(loc: int, checksum: int, candidate: memoryview) -> bool:
+        return loc == 2
+
     h = 0xDEADBEEF_00000001
-    assert tree.search_insert(h, 1, never) == 0
-    assert tree.search_insert(h, 2, never) == 0  # same digest, not confirmed: both kept
-    assert asked == [1]
-    assert tree.search_insert(h, 3, lambda loc: loc == 2) == 2
+    assert tree.search_insert(h, 1, page_a, never) == 0
+    assert tree.search_insert(h, 2, page_a, never) == 0  # same digest, not confirmed: both kept
+    assert asked == [(1, h, page_a)]  # the confirmation sees the page and digest being searched
+    assert tree.search_insert(h, 3, page_a, only_2) == 2
     # Growth keeps every entry findable.
     for i in range(5000):
-        tree.search_insert(random.getrandbits(64), 10 + i, never)
-    assert tree.search_insert(h, 99, lambda loc: loc == 2) == 2
+        tree.search_insert(random.getrandbits(64), 10 + i, page_a, never)
+    assert tree.search_insert(h, 99, page_a, only_2) == 2
     assert len(tree) == 5002
 
 
-def test_random_workload_keeps_counters_consistent():
+def test_random_workload_keeps_counters_consistent() -> None:
     rng = random.Random(1234)
     engine = Engine()
     smas = [engine.new_sma() for _ in range(3)]
@@ -383,8 +395,8 @@ def test_random_workload_keeps_counters_consistent():
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile) == (0, 0, 0, 0)
 
 
-def test_unstable_tree_grows_mid_pass(monkeypatch):
-    """A table sized too small for the pass grows inside the scanner's inlined probe and loses nothing."""
+def test_unstable_tree_grows_mid_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table sized too small for the pass grows while the scanner inserts, and loses nothing."""
     monkeypatch.setattr(UnstableTree, "MIN_CELLS", 8)
     original = UnstableTree.reset
     monkeypatch.setattr(UnstableTree, "reset", lambda self, expected=0: original(self, 0))
@@ -393,13 +405,14 @@ def test_unstable_tree_grows_mid_pass(monkeypatch):
     full_scans(engine, 1)
     engine.scan_now(2000)  # well into the second pass: the table grew several times
     assert len(engine.unstable) > 8
+    check_engine(engine)  # ... and stayed at most half full
     full_scans(engine, 1)
     c = engine.counters()
     assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (1, 22, 2200)
     check_engine(engine)
 
 
-def test_merged_pages_per_process():
+def test_merged_pages_per_process() -> None:
     engine, spaces, _ = setup((A, [page(1)] * 3 + [unique_page(1)]), (B, [page(1)] * 2))
     full_scans(engine, 2)
     assert engine.merged_pages_by_tgid() == {spaces[0].tgid: 3, spaces[1].tgid: 2}

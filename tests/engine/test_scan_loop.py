@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
-from cuse_ksm import abi
-from cuse_ksm.device import KsmDevice
-from cuse_ksm.engine import Engine, core
+from cuse_ksm import abi, kksmd
+from cuse_ksm.device import Done, KsmDevice
+from cuse_ksm.engine import Engine, scanner
 from cuse_ksm.engine.check import check_engine
 from tests.engine.fakes import FakeSpace, page
 
@@ -22,10 +23,10 @@ def engine_with(npages: int, content: bytes = page(1)) -> tuple[Engine, FakeSpac
     return engine, space
 
 
-async def test_idle_until_started_then_scans_then_stops(autojump_clock):
+async def test_idle_until_started_then_scans_then_stops(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(40)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         await trio.sleep(1)
         assert engine.counters().pages_scanned == 0  # flags 0: idle
         engine.set_kthread(sleep=1000, pages_to_scan=10, flags=1)
@@ -41,10 +42,10 @@ async def test_idle_until_started_then_scans_then_stops(autojump_clock):
     check_engine(engine)
 
 
-async def test_pages_to_scan_pages_then_sleep(autojump_clock):
+async def test_pages_to_scan_pages_then_sleep(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(10_000)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=100_000, pages_to_scan=7, flags=1)  # 7 pages every 0.1 s
         await trio.sleep(1.05)
         # Rounds at t = 0, 0.1, ..., 1.0: 11 rounds of 7 pages.
@@ -52,10 +53,10 @@ async def test_pages_to_scan_pages_then_sleep(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
+async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock: trio.testing.MockClock) -> None:
     engine, _ = engine_with(100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=3_600_000_000, pages_to_scan=5, flags=1)  # an hour
         await trio.sleep(10)
         assert engine.counters().pages_scanned == 5
@@ -65,10 +66,10 @@ async def test_a_new_setting_cuts_a_long_sleep_short(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
-async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock):
+async def test_running_with_nothing_registered_idles_until_a_register(autojump_clock: trio.testing.MockClock) -> None:
     engine = Engine()
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=0, pages_to_scan=100, flags=1)
         await trio.sleep(1)
         space = FakeSpace()
@@ -86,26 +87,26 @@ async def test_running_with_nothing_registered_idles_until_a_register(autojump_c
         nursery.cancel_scope.cancel()
 
 
-async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
+async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """While one round scans many batches, ioctls in the same loop keep being answered.
 
     With YIELD_SECONDS at 0 the scanner yields after every batch, so the
     count does not depend on this machine's speed.
     """
-    monkeypatch.setattr(core, "YIELD_SECONDS", 0.0)
+    monkeypatch.setattr(kksmd, "YIELD_SECONDS", 0.0)
     engine, _ = engine_with(64 * 256)
     device = KsmDevice(engine, lambda tid: FakeSpace(tid))
     fh = device.open(1).fh
     answered = 0
     async with trio.open_nursery() as nursery:
-        await nursery.start(engine.run)
+        await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 64 batches
 
         async def poll_info() -> None:
             nonlocal answered
             while True:
                 out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
-                assert out.result == 0
+                assert isinstance(out, Done) and out.result == 0
                 answered += 1
                 await trio.lowlevel.checkpoint()
 
@@ -115,4 +116,21 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch):
         nursery.cancel_scope.cancel()
     # About one answer per batch of the first pass (the poller starts a
     # batch or so after the scanner, and the last batch ends the wait).
-    assert answered >= 64 * 256 // core.BATCH_PAGES - 3
+    assert answered >= 64 * 256 // scanner.BATCH_PAGES - 3
+
+
+async def test_a_stop_takes_effect_at_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round of many batches ends at the first yield after START_STOP changes the parameters."""
+    monkeypatch.setattr(kksmd, "YIELD_SECONDS", 0.0)  # yield after every batch
+    engine, _ = engine_with(64 * 256)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(kksmd.run, engine)
+        engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 128 batches
+        while engine.counters().pages_scanned == 0:
+            await trio.lowlevel.checkpoint()
+        engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=0)
+        scanned = engine.counters().pages_scanned
+        for _ in range(20):
+            await trio.lowlevel.checkpoint()
+        assert engine.counters().pages_scanned == scanned < 64 * 256
+        nursery.cancel_scope.cancel()

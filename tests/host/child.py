@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-PAGE_SIZE = 4096
+from cuse_ksm.abi import PAGE_SIZE
 
 CHILD_SOURCE = r"""
 import ctypes, mmap, os, sys

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory
+from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.conftest import needs_root
 from tests.engine.fakes import full_scans
 from tests.host.child import Child
@@ -124,7 +125,7 @@ def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child]
     space = ProcessMemory.open(child.pid)
     try:
         child.exec_sleep()
-        assert not space.exited()  # same process, same pid ...
+        assert not pidfd_exited(space.pidfd)  # same process, same pid ...
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
         assert space.read_pages(child.addr, 4, buf) is None  # ... but not the memory we pinned
     finally:

@@ -1,0 +1,398 @@
+"""The scanner (the 2009 driver's kksmd without its thread): the scan cursor and the per-page algorithm.
+
+:meth:`Scanner.step` scans one batch of pages at the cursor; whoever drives
+the scanner decides how many pages a round holds and when it runs (the
+daemon's trio task, cuse_ksm/kksmd.py, or :meth:`Engine.scan_now`).  Each
+page goes through :meth:`Scanner._scan_batch`, the emulator's
+cmp_and_merge_page:
+
+1. a page that maps a shared page and still equals it is left alone; one
+   that no longer equals it was written to (the kernel would have taken a
+   COW fault): its item is dropped and it starts over on a later pass;
+2. the stable tree is searched first (:meth:`StableTree.find`): a page
+   equal to a shared page joins it at once;
+3. the checksum gate: a page whose digest moved since the last pass is
+   volatile and goes no further;
+4. a page unchanged for a full pass goes into the unstable tree, unless an
+   identical page is already there (:meth:`UnstableTree.search_insert`), in
+   which case both become sharers of a new shared page, which enters the
+   stable tree;
+5. a page seen for the first time only gets its digest remembered: merging
+   needs two passes.
+
+The emulator never writes the scanned process's memory.  "Merging" records
+that the page maps a :class:`KsmPage` (one copy kept by the engine); the
+figures are those the kernel would show.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import time
+from collections import Counter
+
+from xxhash import xxh3_64_intdigest
+
+from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.engine.counters import Tally
+from cuse_ksm.engine.registry import AddressSpace, Registry, Slot
+from cuse_ksm.engine.trees import (
+    CHUNK_MASK,
+    CHUNK_PAGES,
+    CHUNK_SHIFT,
+    ITEM,
+    MERGED,
+    NO_ITEM,
+    PAGE_SHIFT,
+    UNSTABLE,
+    RmapChunk,
+    RmapItem,
+    StableTree,
+    UnstableTree,
+)
+
+log = logging.getLogger(__name__)
+
+# Maps a state byte to 1 if it is MERGED, else 0 (for bytes.translate).
+_IS_MERGED = bytes(1 if b == MERGED else 0 for b in range(256))
+
+# A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
+# processing, about 0.5 ms: the unit of work between two chances for the
+# daemon to answer a request (see kksmd.py).
+BATCH_PAGES = CHUNK_PAGES // 2
+# ... and a batch stops early when it runs longer than this (merges re-read
+# pages one at a time, which is slower than the common path).
+BATCH_SECONDS = 0.0005
+
+
+class Scanner:
+    """The two trees, the reverse-map items' tally, and the cursor that walks the registry's ring."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.stable = StableTree()
+        self.unstable = UnstableTree()
+        self.tally = Tally()
+        # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
+        self.max_kernel_pages = 0
+        # The cursor: the ring key of the slot it is in, and the page index.
+        self._cursor_seq = 0  # 0: before the first slot
+        self._cursor_idx = 0
+        # Unstable-tree slot numbers (Slot.no): index -> slot.
+        self.numbered: list[Slot | None] = [None]
+        # One page-aligned buffer for all batch reads, and a view of each of
+        # its pages, made once (slicing a memoryview copies nothing).
+        self._buf = mmap.mmap(-1, BATCH_PAGES * PAGE_SIZE)
+        view = memoryview(self._buf)
+        self._pages = [view[o : o + PAGE_SIZE] for o in range(0, BATCH_PAGES * PAGE_SIZE, PAGE_SIZE)]
+
+    # -- slots coming and going ------------------------------------------------------
+
+    def number(self, slot: Slot) -> None:
+        """Give a new slot its number for the unstable tree's ``loc`` values."""
+        slot.no = len(self.numbered)
+        self.numbered.append(slot)
+
+    def forget(self, slots: list[Slot]) -> None:
+        """``slots`` left the registry: their pages leave both trees."""
+        if not slots:
+            return
+        for slot in slots:
+            self._drop_slot_items(slot)
+        # As the 2009 driver does on removal, drop the whole unstable tree
+        # rather than hunt for these slots' entries in it: its entries point
+        # at items that no longer exist, and the tree is only a cache of one
+        # pass's observations, rebuilt by the next pass.  The price is that
+        # pages elsewhere wait one more pass for a merge.
+        self._reset_unstable()
+
+    def _drop_slot_items(self, slot: Slot) -> None:
+        """Take every page of ``slot`` out of both trees; shared pages lose a sharer."""
+        self.registry.retire(slot)
+        tally = self.tally
+        stable = self.stable
+        by_id = stable.by_id
+        for chunk in slot.chunks.values():
+            state = chunk.state
+            nmerged = state.count(MERGED)
+            tally.items -= CHUNK_PAGES - state.count(NO_ITEM)
+            tally.unshared -= state.count(UNSTABLE)
+            if nmerged:
+                tally.sharers -= nmerged
+                word = chunk.word
+                # Count sharers per shared page in C (no Python loop over
+                # the pages), then one update per shared page.
+                ids = Counter(itertools.compress(word, state.tobytes().translate(_IS_MERGED)))
+                for kid, n in ids.items():
+                    kpage = by_id[kid]
+                    kpage.sharers -= n
+                    if kpage.sharers == 0:
+                        stable.remove(kpage)
+        slot.chunks = {}
+        slot.pages_merged = 0
+
+    def _space_gone(self, space: AddressSpace) -> None:
+        """The process exited (or exec'd): its pages leave the trees; its slots stay registered."""
+        for slot in self.registry.ring.values():
+            if slot.space is space and not slot.gone:
+                self._drop_slot_items(slot)
+
+    def _reset_unstable(self) -> None:
+        # Expect roughly as many entries as there are items not merged.
+        self.unstable.reset(self.tally.items - self.tally.sharers)
+        self.numbered = [None]
+        for slot in self.registry.ring.values():
+            self.number(slot)
+
+    def rmap_item(self, slot: Slot, index: int) -> RmapItem:
+        """The reverse-map item of page ``index`` of ``slot`` (a view, for inspection)."""
+        chunk = slot.chunks.get(index >> CHUNK_SHIFT)
+        k = index & CHUNK_MASK
+        state = chunk.state[k] if chunk is not None else NO_ITEM
+        if state == NO_ITEM:
+            return RmapItem(slot, index, NO_ITEM, None, None)
+        assert chunk is not None
+        if state == MERGED:
+            kpage = self.stable.by_id[chunk.word[k]]
+            return RmapItem(slot, index, state, kpage.checksum, kpage)
+        return RmapItem(slot, index, state, chunk.word[k], None)
+
+    # -- the cursor -----------------------------------------------------------------
+
+    def step(self, budget: int) -> int:
+        """Scan one batch at the cursor (at most ``budget`` pages); returns the pages stepped over.
+
+        Pages count against the budget whether present or not, as the
+        driver's loop counted addresses.  Slots whose process is gone, and
+        empty slots, cost nothing.
+        """
+        slot = self.registry.ring.get(self._cursor_seq)
+        if slot is None or slot.gone or self._cursor_idx >= slot.npages:
+            slot = self._advance()
+            if slot is None:
+                return 0
+        idx = self._cursor_idx
+        # BATCH_PAGES divides CHUNK_PAGES: a batch never straddles two chunks.
+        n = min(budget, slot.npages - idx, BATCH_PAGES - (idx & (BATCH_PAGES - 1)))
+        try:
+            n = self._scan_batch(slot, idx, n)
+        except Exception:
+            # The scanner must outlive anything a scanned process does to it;
+            # a bug here skips the batch and is counted, not fatal.
+            self.tally.errors += 1
+            log.exception("scanner: batch at slot %d page %d failed; skipped", slot.seq, idx)
+        self._cursor_idx = idx + n
+        if self._cursor_idx >= slot.npages:
+            self._advance()
+        return n
+
+    def _advance(self) -> Slot | None:
+        """Move the cursor to the start of the next live slot, wrapping at the end.
+
+        A wrap completes a full scan: the unstable tree is emptied, as the
+        driver does, so no entry in it is older than one pass.
+        """
+        ring = self.registry.ring
+        if not ring:
+            return None
+        i = ring.bisect_right(self._cursor_seq)
+        wrapped = False
+        while True:
+            if i >= len(ring):
+                if wrapped:
+                    return None  # no live slot with pages
+                wrapped = True
+                i = 0
+                if self._cursor_seq:
+                    self.tally.full_scans += 1
+                    self._reset_unstable()
+                self._cursor_seq = 0
+            seq = ring.keys()[i]
+            slot: Slot = ring[seq]
+            if not slot.gone and slot.npages > 0:
+                self._cursor_seq = seq
+                self._cursor_idx = 0
+                return slot
+            i += 1
+
+    # -- cmp_and_merge_page, one batch at a time ---------------------------------
+
+    def _scan_batch(self, slot: Slot, idx: int, n: int) -> int:
+        """Read pages [idx, idx + n) of ``slot`` and run each present one through the algorithm.
+
+        Returns how many pages were handled (n, unless the time budget cut
+        the batch short).  This is the emulator's hot loop: counters are kept
+        in locals and folded in at the end, and the tree methods it calls
+        per page are bound once per batch.
+        """
+        space = slot.space
+        present = space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._buf)
+        if present is None:
+            self._space_gone(space)
+            return n
+        ci = idx >> CHUNK_SHIFT
+        k0 = idx & CHUNK_MASK
+        chunk = slot.chunks.get(ci)
+        if chunk is None:
+            if 1 not in present:
+                return n
+            chunk = slot.chunks[ci] = RmapChunk()
+        state = chunk.state
+        word = chunk.word
+        pages = self._pages
+        by_id = self.stable.by_id
+        stable_digests = self.stable.digests
+        stable_find = self.stable.find
+        unstable_search_insert = self.unstable.search_insert
+        same = self._same_page
+        hash64 = xxh3_64_intdigest
+        clock = time.perf_counter
+        deadline = clock() + BATCH_SECONDS
+        loc0 = (slot.no << 32) | idx
+        d_items = d_unshared = d_sharers = d_merged = scanned = 0
+
+        for j in range(n):
+            if j and not j & 31 and clock() > deadline:
+                n = j
+                break
+            k = k0 + j
+            st = state[k]
+            if not present[j]:
+                # Not present (never touched, swapped, or unmapped): skipped,
+                # and an item it had leaves the trees, as if the page were new.
+                if st != NO_ITEM:
+                    self._drop_item(slot, chunk, k)
+                continue
+            scanned += 1
+            page = pages[j]
+            h = hash64(page)
+
+            if st == MERGED:
+                kpage = by_id[word[k]]
+                if h == kpage.checksum and page.tobytes() == kpage.data:
+                    continue  # still maps its shared page
+                # It was written to: the kernel would have taken a COW fault
+                # and given it a private copy.  Drop the item and let the page
+                # start over next pass, as the driver does after a COW.
+                self._drop_item(slot, chunk, k)
+                continue
+
+            if st == UNSTABLE:
+                # Its entry went with the unstable tree at the last wrap.
+                d_unshared -= 1
+                state[k] = st = ITEM
+
+            # Stable tree first: its pages cannot change, so a match on the
+            # full content is a merge that stays valid.
+            if h in stable_digests:
+                shared = stable_find(h, page)
+                if shared is not None:
+                    if st == NO_ITEM:
+                        d_items += 1
+                    state[k] = MERGED
+                    word[k] = shared.id
+                    shared.sharers += 1
+                    d_sharers += 1
+                    d_merged += 1
+                    continue
+
+            if st == NO_ITEM:
+                # First sight: remember its digest; it may enter the unstable
+                # tree next pass if it has not changed by then.
+                state[k] = ITEM
+                word[k] = h
+                d_items += 1
+                continue
+            if word[k] != h:
+                # Checksum gate: changed since last pass, too volatile to be
+                # worth a place in the unstable tree.
+                word[k] = h
+                continue
+
+            # The unstable tree: search, and insert if nothing matches.
+            other = unstable_search_insert(h, loc0 + j, page, same)
+            if not other:
+                state[k] = UNSTABLE
+                d_unshared += 1
+            else:
+                # Fold the local count in first: _merge_pair updates it too.
+                self.tally.unshared += d_unshared
+                d_unshared = 0
+                self._merge_pair(slot, chunk, k, h, page.tobytes(), other)
+        tally = self.tally
+        tally.items += d_items
+        tally.unshared += d_unshared
+        tally.sharers += d_sharers
+        tally.pages_scanned += scanned
+        slot.pages_merged += d_merged
+        return n
+
+    def _drop_item(self, slot: Slot, chunk: RmapChunk, k: int) -> None:
+        """Remove the item of page k of ``chunk`` from whatever tree holds it."""
+        st = chunk.state[k]
+        if st == MERGED:
+            kpage = self.stable.by_id[chunk.word[k]]
+            self.tally.sharers -= 1
+            slot.pages_merged -= 1
+            kpage.sharers -= 1
+            if kpage.sharers == 0:
+                # Its last sharer left: the shared page is freed.
+                self.stable.remove(kpage)
+        elif st == UNSTABLE:
+            # Its entry in the unstable tree, if still there, turns stale: the
+            # state check in _same_page ignores it.
+            self.tally.unshared -= 1
+        if st != NO_ITEM:
+            self.tally.items -= 1
+        chunk.state[k] = NO_ITEM
+        chunk.word[k] = 0
+
+    def _locate(self, loc: int) -> tuple[Slot, RmapChunk, int] | None:
+        slot = self.numbered[loc >> 32] if (loc >> 32) < len(self.numbered) else None
+        if slot is None or slot.gone:
+            return None
+        idx = loc & 0xFFFFFFFF
+        chunk = slot.chunks.get(idx >> CHUNK_SHIFT)
+        if chunk is None:
+            return None
+        return slot, chunk, idx & CHUNK_MASK
+
+    def _same_page(self, loc: int, checksum: int, page: memoryview) -> bool:
+        """Unstable-tree match check: is the page at ``loc`` still there and identical to ``page``?
+
+        The entry only says the page had this digest when it went in.  Its
+        process may have written it since, so we read it again and compare
+        every byte with the page being scanned; only then may they merge.
+        """
+        found = self._locate(loc)
+        if found is None:
+            return False
+        slot, chunk, k = found
+        if chunk.state[k] != UNSTABLE or chunk.word[k] != checksum:
+            return False
+        data = slot.space.read_page(slot.base + ((loc & 0xFFFFFFFF) << PAGE_SHIFT))
+        return data is not None and data == page.tobytes()
+
+    def _merge_pair(self, slot: Slot, chunk: RmapChunk, k: int, h: int, data: bytes, other: int) -> None:
+        """Two identical pages met in the unstable tree: make them sharers of a new shared page."""
+        limit = self.max_kernel_pages
+        if limit and len(self.stable) >= limit:
+            # At the limit no new shared page is made; the page stays out of
+            # both trees this pass (the driver's failed merge does the same).
+            return
+        found = self._locate(other)
+        assert found is not None  # _same_page just confirmed it
+        slot2, chunk2, k2 = found
+        kpage = self.stable.insert(h, data)
+        # The other page leaves the unstable tree (its entry turns stale).
+        self.tally.unshared -= 1
+        chunk2.state[k2] = MERGED
+        chunk2.word[k2] = kpage.id
+        slot2.pages_merged += 1
+        chunk.state[k] = MERGED
+        chunk.word[k] = kpage.id
+        slot.pages_merged += 1
+        kpage.sharers = 2
+        self.tally.sharers += 2

@@ -1,0 +1,47 @@
+"""The short benchmark runs every section and prints every ratio line (``make bench`` cannot rot).
+
+Only that it runs: no figure is checked, since timings on a shared machine
+say nothing about correctness.  The host kernel's side runs too where this
+process may drive /sys/kernel/mm/ksm; the bench restores its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import kernel
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the bench reads other processes' memory: needs root")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["--size-mib", "64", "--repeat", "1", "--quiet-wait", "0", "--latency-seconds", "0.5"]
+NUMBER_OR_NA = r"(\d+\.\d\d|n/a) \("
+# Each section's heading, the ratio line that ends it (section 1's is the
+# last line), and whether that ratio is against the host kernel's KSM.
+SECTIONS = {
+    "50 % duplicates": (rf"^64 MiB ratio emulator/kernel: {NUMBER_OR_NA}", True),
+    "worst case": (rf"^worst case ratio emulator/kernel: {NUMBER_OR_NA}", True),
+    "engine memory per registered page": (rf"^memory ratio emulator/kernel: {NUMBER_OR_NA}", False),
+    "ioctl latency": (rf"^latency ratio busy/idle: {NUMBER_OR_NA}", False),
+}
+
+
+def test_the_short_bench_runs_every_section() -> None:
+    with_kernel = kernel.available()
+    argv = SHORT if with_kernel else [*SHORT, "--no-kernel"]
+    run = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    for heading, (ratio, against_kernel) in SECTIONS.items():
+        assert any(line.startswith(heading) for line in lines), f"section {heading!r} did not run:\n{run.stdout}"
+        found = [m for line in lines if (m := re.match(ratio, line))]
+        assert len(found) == 1, f"no ratio line for {heading!r}:\n{run.stdout}"
+        # A figure, unless it is against a kernel side that did not run.
+        assert (found[0].group(1) == "n/a") == (against_kernel and not with_kernel), run.stdout
+    assert re.match(SECTIONS["50 % duplicates"][0], lines[-1]), "the last line is not section 1's ratio line"
