@@ -22,10 +22,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.libc import Iovec, process_vm_readv
-from cuse_ksm.host.procmem import PAGE_SIZE, ProcessMemory, pidfd_exited
+from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.conftest import needs_root
 
 pytestmark = needs_root
