@@ -1,10 +1,14 @@
 # cuse-ksm: the 2009 /dev/ksm driver, emulated through CUSE.
 #
-#   make setup     install system packages (apt) and the project (pip, editable)
+#   make setup     install system packages (apt), the project (pip, editable,
+#                  with the oldest trio it supports) and .venv-trio-newest/
+#                  (the project again, with the newest trio it supports)
 #   make demo      boot a VM with CUSE, start the daemon, run the short demo
 #   make test      host tests, then the integration suite in one VM
-#   make test-host lint + tests that need no CUSE
+#   make test-host lint + tests that need no CUSE, on the oldest and on the
+#                  newest trio (with a short `python -m bench` among them)
 #   make test-vm   only the VM part
+#   make lint      ruff, and mypy --strict (run with the newest trio's type hints)
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
 #   make bench-cuse the request path against a C libfuse3 CUSE server, in the VM (~4 min)
 #   make soak      64 processes hammer the daemon for a minute in the VM (~4 min)
@@ -19,9 +23,23 @@ APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
 # shim may not cover yet on a fresh machine.
 export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
 
-.PHONY: setup apt pip test test-host test-vm demo lint c-tests selftests examples bench bench-cuse soak clean
+# pyproject.toml gives trio as a range; the host tests run at both ends of it.
+# The main environment ($(PYTHON)) gets the floor of the range, read from
+# pyproject.toml so that the range is written down once.  NEWEST is a venv
+# made from $(PYTHON) with the project installed editable and trio upgraded to
+# the newest release the range allows; its stamp is redone when pyproject.toml
+# changes.
+TRIO_FLOOR = $(shell $(PYTHON) -c 'import re, tomllib; \
+    deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+    print(*[m[1] for d in deps if (m := re.fullmatch(r"trio>=([^,]+),.*", d))])')
+NEWEST := .venv-trio-newest
+NEWEST_STAMP := $(NEWEST)/.installed
+PIP_FLAGS := -q --disable-pip-version-check
+PYTEST_HOST := -m pytest -q --ignore=tests/integration tests
 
-setup: apt pip
+.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-cuse soak clean
+
+setup: apt pip newest
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -33,10 +51,22 @@ apt:
 	fi
 
 pip:
-	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@test -n "$(TRIO_FLOOR)" || { echo "no trio>=X,<Y range in pyproject.toml"; exit 1; }
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]' 'trio==$(TRIO_FLOOR)'
 
-lint:
+newest: $(NEWEST_STAMP)
+
+$(NEWEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade -e '.[test]' trio
+	@touch $@
+
+# mypy runs in $(NEWEST): trio 0.22 ships no type hints (no py.typed), and
+# checking against an Any-typed trio would hide every mistake in its use.
+# What mypy checks, and how, is in pyproject.toml ([tool.mypy]).
+lint: $(NEWEST_STAMP)
 	$(PYTHON) -m ruff check cuse_ksm tests examples bench
+	$(NEWEST)/bin/python -m mypy
 
 c-tests:
 	$(MAKE) -s -C tests/c
@@ -57,8 +87,13 @@ examples/bin/%: examples/%.c include/linux/ksm.h
 
 test: test-host test-vm
 
-test-host: lint c-tests selftests examples
-	$(PYTHON) -m pytest -q --ignore=tests/integration tests
+# Both runs, even when the first fails: which trio a failure needs is the news.
+test-host: lint c-tests selftests examples $(NEWEST_STAMP)
+	@rc=0; \
+	for py in $(PYTHON) $(NEWEST)/bin/python; do \
+	    echo "== host tests: $$py, trio $$($$py -c 'import trio; print(trio.__version__)')"; \
+	    $$py $(PYTEST_HOST) || rc=1; \
+	done; exit $$rc
 
 test-vm: c-tests selftests examples
 	PYTHON=$$(command -v $(PYTHON)) tests/vm/run
@@ -87,4 +122,4 @@ clean:
 	$(MAKE) -s -C bench/cuse_c clean
 	$(MAKE) -s -C tests/selftests clean
 	rm -rf examples/bin
-	rm -rf tests/vm/out .pytest_cache
+	rm -rf tests/vm/out .pytest_cache .mypy_cache
