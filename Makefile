@@ -19,9 +19,12 @@ PYTHON ?= python3
 # and a C toolchain for tests/c.
 APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
                 libfuse3-dev fuse3 pkg-config gcc make libc6-dev procps
-# Console scripts (vng) land in the interpreter's scripts dir, which a pyenv
-# shim may not cover yet on a fresh machine.
-export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
+# Console scripts (vng, cuse-ksm) land in the interpreter's scripts dir, which
+# a pyenv shim may not cover yet on a fresh machine.  The caller's own PATH is
+# kept to tell whether `cuse-ksm` is runnable there after `make pip`.
+SCRIPTS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+CALLER_PATH := $(PATH)
+export PATH := $(SCRIPTS):$(PATH)
 
 # pyproject.toml gives trio as a range; the host tests run at both ends of it.
 # The main environment ($(PYTHON)) gets the floor of the range, read from
@@ -50,9 +53,18 @@ apt:
 	        >/tmp/cuse-ksm-apt.log 2>&1 || { tail -100 /tmp/cuse-ksm-apt.log; exit 1; }; \
 	fi
 
+# pip puts the cuse-ksm script into $(SCRIPTS).  With pyenv, what is on PATH
+# is pyenv's shims dir, and a shim for a new script only appears at `pyenv
+# rehash`; anywhere else, $(SCRIPTS) may simply not be on the caller's PATH.
 pip:
 	@test -n "$(TRIO_FLOOR)" || { echo "no trio>=X,<Y range in pyproject.toml"; exit 1; }
 	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]' 'trio==$(TRIO_FLOOR)'
+	@pyenv=$$(env PATH='$(CALLER_PATH)' sh -c 'command -v pyenv' || echo "$${PYENV_ROOT:-$$HOME/.pyenv}/bin/pyenv"); \
+	if [ -x "$$pyenv" ]; then "$$pyenv" rehash; fi; \
+	if ! env PATH='$(CALLER_PATH)' sh -c 'command -v cuse-ksm' >/dev/null; then \
+	    echo "cuse-ksm is installed as $(SCRIPTS)/cuse-ksm, which is not on your PATH;"; \
+	    echo "add $(SCRIPTS) to PATH, or run it as: $(PYTHON) -m cuse_ksm"; \
+	fi
 
 newest: $(NEWEST_STAMP)
 
