@@ -7,7 +7,7 @@
 #   make test      host tests, then the integration suite in one VM
 #   make test-host lint + tests that need no CUSE, on the oldest and on the
 #                  newest trio (with a short `python -m bench` among them)
-#   make test-vm   only the VM part
+#   make test-vm   only the VM part, ending with a short bench/cuse_c/compare.sh
 #   make lint      ruff, and mypy --strict (run with the newest trio's type hints)
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
 #   make bench-cuse the request path against a C libfuse3 CUSE server, in the VM (~4 min)
@@ -40,7 +40,7 @@ NEWEST_STAMP := $(NEWEST)/.installed
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_HOST := -m pytest -q --ignore=tests/integration tests
 
-.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-cuse soak clean
+.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-c bench-cuse soak clean
 
 setup: apt pip newest
 
@@ -107,8 +107,14 @@ test-host: lint c-tests selftests examples $(NEWEST_STAMP)
 	    $$py $(PYTEST_HOST) || rc=1; \
 	done; exit $$rc
 
-test-vm: c-tests selftests examples
-	PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+# The VM run ends with a short pass of bench/cuse_c/compare.sh (1 s a cell,
+# tests/vm/bench-cuse-short.sh).  bench-c builds its C programs here, not
+# under the VM's software emulation.
+test-vm: c-tests selftests examples bench-c
+	VM_SHORT_BENCH=1 VM_PASS_ENV=VM_SHORT_BENCH PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+
+bench-c:
+	$(MAKE) -s -C bench/cuse_c
 
 demo: c-tests
 	PYTHON=$$(command -v $(PYTHON)) tests/vm/run examples/demo.sh
