@@ -1,10 +1,14 @@
 # cuse-ksm: the 2009 /dev/ksm driver, emulated through CUSE.
 #
-#   make setup     install system packages (apt) and the project (pip, editable)
+#   make setup     install system packages (apt), the project (pip, editable,
+#                  with the oldest trio it supports) and .venv-trio-newest/
+#                  (the project again, with the newest trio it supports)
 #   make demo      boot a VM with CUSE, start the daemon, run the short demo
 #   make test      host tests, then the integration suite in one VM
-#   make test-host lint + tests that need no CUSE
-#   make test-vm   only the VM part
+#   make test-host lint + tests that need no CUSE, on the oldest and on the
+#                  newest trio (with a short `python -m bench` among them)
+#   make test-vm   only the VM part, ending with a short bench/cuse_c/compare.sh
+#   make lint      ruff, and mypy --strict (run with the newest trio's type hints)
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
 #   make bench-cuse the request path against a C libfuse3 CUSE server, in the VM (~4 min)
 #   make soak      64 processes hammer the daemon for a minute in the VM (~4 min)
@@ -15,13 +19,30 @@ PYTHON ?= python3
 # and a C toolchain for tests/c.
 APT_PACKAGES := linux-image-amd64 qemu-system-x86 busybox-static kmod \
                 libfuse3-dev fuse3 pkg-config gcc make libc6-dev procps
-# Console scripts (vng) land in the interpreter's scripts dir, which a pyenv
-# shim may not cover yet on a fresh machine.
-export PATH := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$(PATH)
+# Console scripts (vng, cuse-ksm) land in the interpreter's scripts dir, which
+# a pyenv shim may not cover yet on a fresh machine.  The caller's own PATH is
+# kept to tell whether `cuse-ksm` is runnable there after `make pip`.
+SCRIPTS := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+CALLER_PATH := $(PATH)
+export PATH := $(SCRIPTS):$(PATH)
 
-.PHONY: setup apt pip test test-host test-vm demo lint c-tests selftests examples bench bench-cuse soak clean
+# pyproject.toml gives trio as a range; the host tests run at both ends of it.
+# The main environment ($(PYTHON)) gets the floor of the range, read from
+# pyproject.toml so that the range is written down once.  NEWEST is a venv
+# made from $(PYTHON) with the project installed editable and trio upgraded to
+# the newest release the range allows; its stamp is redone when pyproject.toml
+# changes.
+TRIO_FLOOR = $(shell $(PYTHON) -c 'import re, tomllib; \
+    deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
+    print(*[m[1] for d in deps if (m := re.fullmatch(r"trio>=([^,]+),.*", d))])')
+NEWEST := .venv-trio-newest
+NEWEST_STAMP := $(NEWEST)/.installed
+PIP_FLAGS := -q --disable-pip-version-check
+PYTEST_HOST := -m pytest -q --ignore=tests/integration tests
 
-setup: apt pip
+.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-c bench-cuse soak clean
+
+setup: apt pip newest
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do \
@@ -32,11 +53,32 @@ apt:
 	        >/tmp/cuse-ksm-apt.log 2>&1 || { tail -100 /tmp/cuse-ksm-apt.log; exit 1; }; \
 	fi
 
+# pip puts the cuse-ksm script into $(SCRIPTS).  With pyenv, what is on PATH
+# is pyenv's shims dir, and a shim for a new script only appears at `pyenv
+# rehash`; anywhere else, $(SCRIPTS) may simply not be on the caller's PATH.
 pip:
-	$(PYTHON) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@test -n "$(TRIO_FLOOR)" || { echo "no trio>=X,<Y range in pyproject.toml"; exit 1; }
+	$(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]' 'trio==$(TRIO_FLOOR)'
+	@pyenv=$$(env PATH='$(CALLER_PATH)' sh -c 'command -v pyenv' || echo "$${PYENV_ROOT:-$$HOME/.pyenv}/bin/pyenv"); \
+	if [ -x "$$pyenv" ]; then "$$pyenv" rehash; fi; \
+	if ! env PATH='$(CALLER_PATH)' sh -c 'command -v cuse-ksm' >/dev/null; then \
+	    echo "cuse-ksm is installed as $(SCRIPTS)/cuse-ksm, which is not on your PATH;"; \
+	    echo "add $(SCRIPTS) to PATH, or run it as: $(PYTHON) -m cuse_ksm"; \
+	fi
 
-lint:
+newest: $(NEWEST_STAMP)
+
+$(NEWEST_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install $(PIP_FLAGS) --upgrade -e '.[test]' trio
+	@touch $@
+
+# mypy runs in $(NEWEST): trio 0.22 ships no type hints (no py.typed), and
+# checking against an Any-typed trio would hide every mistake in its use.
+# What mypy checks, and how, is in pyproject.toml ([tool.mypy]).
+lint: $(NEWEST_STAMP)
 	$(PYTHON) -m ruff check cuse_ksm tests examples bench
+	$(NEWEST)/bin/python -m mypy
 
 c-tests:
 	$(MAKE) -s -C tests/c
@@ -57,11 +99,22 @@ examples/bin/%: examples/%.c include/linux/ksm.h
 
 test: test-host test-vm
 
-test-host: lint c-tests selftests examples
-	$(PYTHON) -m pytest -q --ignore=tests/integration tests
+# Both runs, even when the first fails: which trio a failure needs is the news.
+test-host: lint c-tests selftests examples $(NEWEST_STAMP)
+	@rc=0; \
+	for py in $(PYTHON) $(NEWEST)/bin/python; do \
+	    echo "== host tests: $$py, trio $$($$py -c 'import trio; print(trio.__version__)')"; \
+	    $$py $(PYTEST_HOST) || rc=1; \
+	done; exit $$rc
 
-test-vm: c-tests selftests examples
-	PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+# The VM run ends with a short pass of bench/cuse_c/compare.sh (1 s a cell,
+# tests/vm/bench-cuse-short.sh).  bench-c builds its C programs here, not
+# under the VM's software emulation.
+test-vm: c-tests selftests examples bench-c
+	VM_SHORT_BENCH=1 VM_PASS_ENV=VM_SHORT_BENCH PYTHON=$$(command -v $(PYTHON)) tests/vm/run
+
+bench-c:
+	$(MAKE) -s -C bench/cuse_c
 
 demo: c-tests
 	PYTHON=$$(command -v $(PYTHON)) tests/vm/run examples/demo.sh
@@ -87,4 +140,4 @@ clean:
 	$(MAKE) -s -C bench/cuse_c clean
 	$(MAKE) -s -C tests/selftests clean
 	rm -rf examples/bin
-	rm -rf tests/vm/out .pytest_cache
+	rm -rf tests/vm/out .pytest_cache .mypy_cache

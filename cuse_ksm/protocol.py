@@ -36,12 +36,7 @@ FUSE_IOCTL_COMPAT = 1 << 0
 FUSE_IOCTL_UNRESTRICTED = 1 << 1
 FUSE_IOCTL_RETRY = 1 << 2
 FUSE_IOCTL_32BIT = 1 << 3
-FUSE_IOCTL_DIR = 1 << 4
-FUSE_IOCTL_COMPAT_X32 = 1 << 5
 _IOCTL_COMPAT = FUSE_IOCTL_32BIT | FUSE_IOCTL_COMPAT
-
-# The kernel refuses a read() of /dev/cuse shorter than this (FUSE_MIN_READ_BUFFER).
-MIN_READ_BUFFER = 8192
 
 
 class Opcode(enum.IntEnum):
@@ -296,5 +291,11 @@ def parse_reply_header(data: bytes) -> tuple[int, int, int]:
 def build_request(
     opcode: int, unique: int, body: bytes = b"", *, pid: int = 0, uid: int = 0, gid: int = 0, nodeid: int = 0
 ) -> bytes:
-    """Encode a request as the kernel would: used by tests and the host-side loopback transport."""
+    """Encode a request as the kernel writes it to ``/dev/cuse``.
+
+    The daemon never calls this (it only parses requests).  It is how the
+    host tests' fake kernel (a SOCK_SEQPACKET socketpair standing in for
+    ``/dev/cuse``) and ``bench.requests`` feed the real ``Server``, and how the
+    codec tests build their input.
+    """
     return IN_HEADER.pack(IN_HEADER.size + len(body), opcode, unique, nodeid, uid, gid, pid, 0, 0) + body

@@ -71,7 +71,7 @@ def raw_ioctl(fd: int, cmd: int, arg: ctypes.Structure | int | None = None) -> i
     else:
         ptr = arg
     ctypes.set_errno(0)
-    r = _libc.ioctl(fd, cmd, ptr)
+    r: int = _libc.ioctl(fd, cmd, ptr)  # ctypes gives Any; restype above is c_int
     if r == -1:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

@@ -20,7 +20,9 @@
 # Under QEMU's software emulation they differ for the daemon far more than
 # they would on hardware: see docs/benchmarks.md.
 #
-# Environment: SECONDS_EACH, PROCS ("1 64"), LAYOUTS ("shared pinned").
+# Environment: SECONDS_EACH, PROCS ("1 64"), LAYOUTS ("shared pinned"),
+# MODES ("api info"; tests/vm/bench-cuse-short.sh runs only info, which makes
+# both kinds of round trip).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 PYTHON=${PYTHON:-python3}
@@ -55,7 +57,7 @@ for layout in ${LAYOUTS:-shared pinned}; do
         taskset -a -p -c "$server_cpus" "${server_pid[$server]}" >/dev/null || exit 1
     done
     declare -A rate p50 p99 cpu
-    for mode in api info; do
+    for mode in ${MODES:-api info}; do
         for procs in $procs_list; do
             for server in ksmc ksmpy; do
                 before=$(cpu_ns "${server_pid[$server]}")
@@ -75,7 +77,7 @@ for layout in ${LAYOUTS:-shared pinned}; do
     echo "layout $layout: servers on CPU $server_cpus, clients on CPU $client_cpus"
     printf '%-16s %5s | %8s %7s %7s %6s | %8s %7s %7s %6s | %5s\n' ioctl procs "C ops/s" "p50 us" "p99 us" "cpu us" \
         "daemon" "p50 us" "p99 us" "cpu us" ratio
-    for mode in api info; do
+    for mode in ${MODES:-api info}; do
         name=$([[ $mode == api ]] && echo GET_API_VERSION || echo GET_INFO_KTHREAD)
         for procs in $procs_list; do
             c=$mode.$procs.ksmc py=$mode.$procs.ksmpy

@@ -12,6 +12,9 @@
 #     (PYTEST_ARGS is parsed like shell words, e.g. PYTEST_ARGS="-k 'merge and not slow' -x")
 #  6. SIGTERM the daemon: it must exit with status 0 within 10 s, and /dev/ksm
 #     must then be gone
+#  7. if VM_SHORT_BENCH=1 (make test-vm sets it): tests/vm/bench-cuse-short.sh,
+#     a 1-s-a-cell pass of bench/cuse_c/compare.sh that checks every table and
+#     ratio is printed, and no timing
 #
 # Exit status: pytest's status if it failed, else 1 if any other step failed,
 # else 0.  The tests see CUSE_KSM_VM=1, CUSE_KSM_DEVICE=/dev/ksm and
@@ -146,6 +149,13 @@ for ((i = 0; i < 30; i++)); do
 done
 if [[ -e $DEVICE ]]; then
     fail "device-left" "$DEVICE still exists after the daemon exited"
+fi
+
+# --- 7. the short request-path comparison --------------------------------------------
+# After the daemon above is gone: the comparison starts its own two servers.
+if [[ ${VM_SHORT_BENCH:-} == 1 ]]; then
+    log "running: tests/vm/bench-cuse-short.sh"
+    tests/vm/bench-cuse-short.sh || fail "bench-cuse-short" "the short bench/cuse_c/compare.sh pass failed"
 fi
 
 finish "$pytest_rc"
