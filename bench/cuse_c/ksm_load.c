@@ -259,11 +259,13 @@ int main(int argc, char **argv)
 		}
 		usleep(10000);
 	}
-	sh->start = now();
-	sh->deadline = sh->start + seconds;
-	/* Set-up ops (creations) are not part of the measured window. */
+	/* Set-up ops (creations) are not part of the measured window.  Clear
+	 * first, then start the clock: under software emulation clearing the
+	 * histogram can take longer than a short window. */
 	__atomic_store_n(&sh->ops, 0, __ATOMIC_SEQ_CST);
 	memset(sh->hist, 0, sizeof(sh->hist));
+	sh->start = now();
+	sh->deadline = sh->start + seconds;
 	close(go[1]);
 	for (int i = 0; i < procs; i++) {
 		if (waitpid(pids[i], &status, 0) < 0 || !WIFEXITED(status) || WEXITSTATUS(status))
