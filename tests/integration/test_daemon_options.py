@@ -32,6 +32,7 @@ def test_node_mode_group_and_clean_exit(signum):
     finally:
         os.close(fd)
     assert not os.path.exists(f"/dev/{name}")
+    assert proc.stderr is not None
     assert "shutting down" in proc.stderr.read()
 
 

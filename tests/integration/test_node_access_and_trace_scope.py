@@ -66,6 +66,7 @@ def test_mode_0666_lets_any_user_register_its_own_memory():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None
         proc.stderr.close()
 
 

@@ -112,6 +112,7 @@ def test_killed_inside_each_ioctl(op, daemon_pid):
             p.wait(timeout=30)
             out = p.stdout.read() if p.stdout else ""
             assert p.returncode == -signal.SIGKILL, out  # it never saw a wrong result
+            assert p.stdout is not None
             p.stdout.close()
     settle_to(daemon_pid, before)
 
@@ -131,6 +132,7 @@ def test_killed_in_the_middle_of_the_handout(daemon_pid):
                 break
         p.kill()
         p.wait(timeout=30)
+        assert p.stdout is not None
         p.stdout.close()
         if hits >= 10:
             break
@@ -212,6 +214,7 @@ def test_daemon_stopped_under_its_clients_and_started_again():
         assert c("reg 8 0x65").startswith("ok ")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=15) == 0
+    assert proc.stderr is not None
     proc.stderr.close()
     # Clients holding fds get an error at once: no hang (Client.readline fails on a hang).
     for c in clients:
@@ -233,4 +236,5 @@ def test_daemon_stopped_under_its_clients_and_started_again():
             c.kill()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert proc.stderr is not None
         proc.stderr.close()

@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import time
+from typing import Any
 
 import pyksm
 import pytest
@@ -67,7 +68,7 @@ commands = st.one_of(
 def _map(prot: int, npages: int = 1) -> int:
     addr = libc.mmap(None, npages * PAGE, prot, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     assert addr and addr != ctypes.c_void_p(-1).value
-    return addr
+    return int(addr)
 
 
 class Memory:
@@ -101,11 +102,16 @@ class Memory:
 
 POINTERS = ["good", "good", "good", "readonly", "protnone", "unmapped", "straddle", "null", "kernel", "noncanonical"]
 POINTERS += ["minus1"]
+# Drawn values: a payload is ("region" | "kthread" | "noise", fields...), an
+# operation ("create",) or ("ioctl", sma, cmd, pointer, payload).
+Payload = tuple[Any, ...]
+Op = tuple[Any, ...]
+
 REGION_ADDRS = ["good", "unaligned", "null", "kernel", "unmapped", "top", "noncanonical"]
 
 
 @st.composite
-def payloads(draw: st.DrawFn) -> tuple:
+def payloads(draw: st.DrawFn) -> Payload:
     """The 24 bytes at a good pointer: a region or kthread info with hostile fields, or noise."""
     kind = draw(st.sampled_from(["region", "kthread", "noise"]))
     if kind == "region":
@@ -120,8 +126,8 @@ def payloads(draw: st.DrawFn) -> tuple:
 
 
 @st.composite
-def operations(draw: st.DrawFn) -> list[tuple]:
-    ops: list[tuple] = [("create",)] if draw(st.booleans()) else []
+def operations(draw: st.DrawFn) -> list[Op]:
+    ops: list[Op] = [("create",)] if draw(st.booleans()) else []
     for _ in range(draw(st.integers(1, 12))):
         kind = draw(st.sampled_from(["ioctl", "ioctl", "ioctl", "ioctl", "create", "close", "open"]))
         if kind == "ioctl":
@@ -134,7 +140,7 @@ def operations(draw: st.DrawFn) -> list[tuple]:
     return ops
 
 
-def encode(payload: tuple, mem: Memory) -> bytes:
+def encode(payload: Payload, mem: Memory) -> bytes:
     if payload[0] == "region":
         _, npages, where, junk = payload
         addr = {
@@ -146,11 +152,11 @@ def encode(payload: tuple, mem: Memory) -> bytes:
             "top": 0x7FFF_FFFF_F000,
             "noncanonical": 0xDEAD_0000_0000_0000,
         }[where]
-        return npages.to_bytes(4, "little") + junk[:4] + addr.to_bytes(8, "little") + junk[4:]
+        return bytes(npages.to_bytes(4, "little") + junk[:4] + addr.to_bytes(8, "little") + junk[4:])
     if payload[0] == "kthread":
         _, sleep, pages, flags, junk = payload
-        return sleep.to_bytes(4, "little") + pages.to_bytes(4, "little") + flags.to_bytes(4, "little") + junk
-    return payload[1]
+        return bytes(sleep.to_bytes(4, "little") + pages.to_bytes(4, "little") + flags.to_bytes(4, "little") + junk)
+    return bytes(payload[1])
 
 
 def get_info(fd: int) -> tuple[int, int, int]:
@@ -161,7 +167,7 @@ def get_info(fd: int) -> tuple[int, int, int]:
 
 def set_info(fd: int, sleep: int, pages: int, flags: int) -> int:
     info = pyksm.ksm_kthread_info(sleep=sleep, pages_to_scan=pages, flags=flags)
-    return libc.ioctl(fd, pyksm.KSM_START_STOP_KTHREAD, ctypes.addressof(info))
+    return int(libc.ioctl(fd, pyksm.KSM_START_STOP_KTHREAD, ctypes.addressof(info)))
 
 
 def lowest_free_fd() -> int:
@@ -184,10 +190,10 @@ def create(dev: int, ptr: int | None) -> int:
     sma = libc.ioctl(dev, pyksm.KSM_CREATE_SHARED_MEMORY_AREA, ptr)
     assert sma == lowest, (sma, lowest, os.strerror(ctypes.get_errno()))
     check_sma(sma)
-    return sma
+    return int(sma)
 
 
-def run_example(ops: list[tuple], mem: Memory) -> None:
+def run_example(ops: list[Op], mem: Memory) -> None:
     dev = os.open(DEVICE, os.O_RDWR)
     saved = get_info(dev)
     model = list(saved)
@@ -278,7 +284,7 @@ def test_the_daemon_is_back_to_baseline_after_the_fuzzing(daemon_pid, memory):
     before = daemon_snapshot(daemon_pid)
     for ptr in POINTERS:
         for cmd in KNOWN:
-            ops = [("create",), ("ioctl", 1, cmd, ptr, ("region", 2**32 - 1, "kernel", bytes(12)))]
+            ops: list[Op] = [("create",), ("ioctl", 1, cmd, ptr, ("region", 2**32 - 1, "kernel", bytes(12)))]
             ops.append(("ioctl", 0, cmd, ptr, ("kthread", 0, 1, 1, bytes(12))))
             run_example(ops, memory)
     settle_to(daemon_pid, before)
