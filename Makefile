@@ -86,7 +86,7 @@ c-tests:
 selftests:
 	$(MAKE) -s -C tests/selftests
 
-# The historic programs: ksmctl, qemu_register, ksmpages (see README).
+# The historic programs: ksmctl, qemu_register, ksmpages (docs/testing.md).
 CC ?= cc
 EXAMPLES := ksmctl qemu_register ksmpages
 EXAMPLE_CFLAGS := -O2 -Wall -Wextra -Werror -Iinclude

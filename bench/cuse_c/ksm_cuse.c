@@ -51,7 +51,7 @@ static void ksm_ioctl(fuse_req_t req, int cmd, void *arg, struct fuse_file_info 
 		}
 		memcpy(&in, in_buf, sizeof(in));
 		if ((in.flags & ksm_control_flags_run) && in.pages_to_scan == 0) {
-			fuse_reply_ioctl(req, EPERM, NULL, 0); /* the seed's positive 1 */
+			fuse_reply_ioctl(req, EPERM, NULL, 0); /* the 2009 driver's positive 1 */
 			break;
 		}
 		info.sleep = in.sleep;
