@@ -34,7 +34,7 @@ READ_ONLY = [v.name for v in controlfs.VALUES if not v.writable]
 
 def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
     dev = KsmDevice(engine, FakeSpace)
-    fh = dev.open(1).fh
+    fh = dev.open().fh
     out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
     assert isinstance(out, Done)
     return out
@@ -42,7 +42,7 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
 
 def get_info(engine: Engine) -> abi.KthreadInfo:
     dev = KsmDevice(engine, FakeSpace)
-    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
+    out = dev.ioctl(dev.open().fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
     assert isinstance(out, Done)
     return abi.KthreadInfo.unpack(out.out)
 

@@ -23,7 +23,8 @@ from cuse_ksm.daemon import Server
 from cuse_ksm.device import KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
-from cuse_ksm.host.ptrace import HandoutError
+from cuse_ksm.host.syscall import BorrowError
+from cuse_ksm.session import CuseSession
 from tests.fakekernel import FakeKernel
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -91,16 +92,17 @@ def run_scenario(ops: list[tuple]) -> None:
         device = KsmDevice(engine, ProcessMemory.open)
         outcome = {"mode": "ok"}
 
-        async def injector(tid, path, flags, reply):
+        async def borrower(tid, call, reply):
             if outcome["mode"] == "busy":
-                raise HandoutError(errno.EBUSY, "already traced")
+                raise BorrowError(errno.EBUSY, "already traced")
             reply()
             if outcome["mode"] == "gone":
-                raise HandoutError(errno.ESRCH, "killed during the hand-out", replied=True)
+                raise BorrowError(errno.ESRCH, "killed during the hand-out")
             fh = await kernel.open(pid=tid)
             return 100 + fh
 
-        server = Server(ours.fileno(), device, dev_dir="/nonexistent", injector=injector)
+        session = CuseSession(device, dev_dir="/nonexistent")
+        server = Server(ours.fileno(), session, borrower)
         dead = os.getpid() + 2**22  # above pid_max: no such process
         fhs: list[int] = []
         async with trio.open_nursery() as nursery:
@@ -121,7 +123,7 @@ def run_scenario(ops: list[tuple]) -> None:
                         assert result == -errno.EBUSY
                     elif op[1] == "ok" and result == 0:
                         with trio.fail_after(5):
-                            while server.handouts_in_flight:
+                            while session.borrows:
                                 await trio.sleep(0.001)
                         fhs.extend(fh for fh, f in device.files.items() if isinstance(f, SmaFile) and fh not in fhs)
                 elif op[0] == "garbage":
