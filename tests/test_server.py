@@ -15,6 +15,7 @@ import struct
 import pytest
 import trio
 
+from bench.cuse_c.floor_server import serve_floor
 from cuse_ksm import abi
 from cuse_ksm import protocol as p
 from cuse_ksm.daemon import READ_BURST, Server
@@ -210,3 +211,15 @@ async def test_the_node_gets_its_group_and_mode_once_it_appears(nursery, tmp_pat
     with trio.fail_after(5):
         while stat.S_IMODE(node.stat().st_mode) != 0o604:
             await trio.sleep(0.01)
+
+
+async def test_the_floor_instruments_loop_runs_on_the_servers_public_parts(nursery):
+    """bench/cuse_c/floor_server.py: its own loop, built from Server.read/read_waiting/act, must keep working."""
+    h = Harness()
+    nursery.start_soon(serve_floor, h.server)
+    nursery.start_soon(h.kernel.pump)
+    await h.kernel.init()
+    fh = await h.kernel.open()
+    assert await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION) == (1, b"")  # its bare path
+    result, out = await h.kernel.ioctl(fh, abi.KSM_GET_INFO_KTHREAD)  # through the session
+    assert result == 0 and abi.KthreadInfo.unpack(out) == abi.KthreadInfo()
