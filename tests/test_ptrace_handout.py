@@ -43,10 +43,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 NR_READ = 0
+NR_MMAP = 9
 NR_MADVISE = 28
 NR_VFORK = 58
 NR_OPENAT = 257
 MADV_MERGEABLE = 12
+PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 0x02, 0x20
 PAGE_SIZE = 4096
 
 CHILD_C = r"""
@@ -472,6 +474,30 @@ async def test_a_call_without_stack_bytes(spawn) -> None:
     result = await child.done(0)
     assert (result["ret"], result["fail"]) == (0, 0)  # madvise's 0, not the read's 1; registers intact
     assert "mg" in vm_flags(child.pid, page)
+
+
+@pytest.mark.trio
+async def test_a_call_with_six_arguments(spawn) -> None:
+    """mmap(NULL, 3 pages, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0): every argument register is set.
+
+    The asm worker leaves canaries in r8-r10; mmap fails with EINVAL if
+    the flags (r10) or the offset (r9) were left at theirs.
+    """
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    length = 3 * PAGE_SIZE
+    args = (0, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    mmap = Syscall("mmap", NR_MMAP, args, what="map 3 pages", purpose="test the argument registers")
+    addr = await borrow(tid, mmap, Completer(w), expect_syscall=NR_READ)
+    result = await child.done(0)
+    assert (result["ret"], result["fail"]) == (addr, 0)
+    mapped = []
+    for line in Path(f"/proc/{child.pid}/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= addr and addr + length <= end:
+            mapped.append(perms)
+    assert mapped == ["r--p"]  # read-only, private: the mapping asked for (it may merge with a neighbour)
 
 
 @pytest.mark.trio

@@ -101,6 +101,17 @@ async def test_a_queue_of_ioctls_is_answered_whole_each_with_its_own_reply(h):
             assert payload[p.IOCTL_OUT.size :] == out
 
 
+async def test_a_batch_that_ends_with_a_burst_is_written_before_the_loop_waits(h):
+    # The loop stops reading without waiting after READ_BURST requests and
+    # goes through trio's wait: the batch must be out before it does, or
+    # with nothing behind it these callers would wait for the next request.
+    fh = await h.kernel.open()
+    uniques = [h.kernel.send_ioctl(fh, abi.KSM_GET_API_VERSION, 0) for _ in range(READ_BURST + 1)]
+    for unique in uniques:
+        error, payload = await h.kernel.reply(unique)
+        assert (error, p.IOCTL_OUT.unpack_from(payload)[0]) == (0, 1)
+
+
 async def test_garbage_is_dropped_and_the_loop_serves_on(h):
     h.kernel.sock.send(b"\x01\x02\x03")  # shorter than a header: logged and dropped
     h.kernel.sock.send(p.build_request(p.Opcode.IOCTL, 4, b"\0" * 8))  # an ioctl without its body
