@@ -177,7 +177,7 @@ def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency
     async def main() -> list[Latency]:
         engine = Engine()
         device = KsmDevice(engine, ProcessMemory.open)
-        fh = device.open(os.getpid()).fh
+        fh = device.open().fh
         results: list[Latency] = []
         _register(engine, workload)
 

@@ -2,7 +2,7 @@
 
     python -m bench.requests [--case api|info] [IOCTLS]
 
-Runs the real ``Server.serve`` loop under trio on one end of a
+Runs the real ``Server.serve`` loop, with its ``CuseSession``, under trio on one end of a
 SOCK_SEQPACKET socketpair; a child process on the other end plays the kernel
 with 64 requests in flight, as 64 client processes would keep it.  Reports
 the daemon process's CPU (user and system) per ioctl: GET_API_VERSION (one
@@ -26,6 +26,8 @@ from cuse_ksm.daemon import Server
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
+from cuse_ksm.host.ptrace import borrow_from_ioctl
+from cuse_ksm.session import CuseSession
 
 IN_FLIGHT = 64
 
@@ -47,7 +49,10 @@ def measure(cmd: int, requests_per_ioctl: int, n: int) -> tuple[float, float]:
     """(user, system) CPU seconds of the daemon per ioctl."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     device = KsmDevice(Engine(), ProcessMemory.open)
-    fh = device.open(1).fh
+    session = CuseSession(device, dev_dir="/nonexistent")
+    # The device is up: CUSE_INIT was answered (the reply goes nowhere).
+    session.receive(p.parse_request(p.build_request(p.Opcode.CUSE_INIT, 0, p.CUSE_INIT_IN.pack(7, 31, 0, 0))))
+    fh = device.open().fh
     out_sizes = [0, abi.STRUCT_SIZE][:requests_per_ioctl]
     requests = [
         p.build_request(p.Opcode.IOCTL, 2, p.IOCTL_IN.pack(fh, p.FUSE_IOCTL_UNRESTRICTED, cmd, 0x1000, 0, size))
@@ -62,8 +67,7 @@ def measure(cmd: int, requests_per_ioctl: int, n: int) -> tuple[float, float]:
             os._exit(0)
     theirs.close()
     ours.setblocking(False)
-    server = Server(ours.fileno(), device, dev_dir="/nonexistent")
-    server.initialized = True
+    server = Server(ours.fileno(), session, borrow_from_ioctl)
     before = resource.getrusage(resource.RUSAGE_SELF)
     trio.run(server.serve)
     after = resource.getrusage(resource.RUSAGE_SELF)

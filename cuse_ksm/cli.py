@@ -2,6 +2,11 @@
 
 The daemon is the default (no subcommand), so ``python -m cuse_ksm`` and old
 service files keep working; ``status`` is the only subcommand.
+
+This is where the daemon is put together (:func:`run_daemon`), and the only
+place: every other module gets what it works with passed in, so the OS
+adapters (``host.procmem`` for callers' memory, ``host.ptrace`` for borrowing
+a caller's thread) are chosen here and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,16 +17,24 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from cuse_ksm import __version__, controltree, kksmd, status
-from cuse_ksm.daemon import NoCuseError, NodeAccess, Server, open_cuse_channel
+from cuse_ksm.daemon import NoCuseError, Server, open_cuse_channel
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
+from cuse_ksm.host import ptrace
 from cuse_ksm.host.procmem import ProcessMemory
+from cuse_ksm.session import CuseSession, NodeAccess
 
-log = logging.getLogger("cuse_ksm")
+log = logging.getLogger(__name__)
+
+# The request loop to run the server with: Server.serve, or a measuring
+# instrument's own loop built from the Server's public parts
+# (bench/cuse_c/floor_server.py).
+ServeLoop = Callable[[Server], Awaitable[None]]
 
 
 def _mode(text: str) -> int:
@@ -105,12 +118,13 @@ async def log_counters(engine: Engine, interval: float) -> None:
         )
 
 
-async def run_daemon(args: argparse.Namespace) -> None:
+async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.serve) -> None:
     channel = open_cuse_channel(args.cuse)
     try:
         engine = Engine()
         device = KsmDevice(engine, ProcessMemory.open)
-        server = Server(channel, device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
+        session = CuseSession(device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
+        server = Server(channel, session, ptrace.borrow_from_ioctl)
         stats_dir = controltree.default_dir(args.name) if args.stats_dir is None else args.stats_dir
         async with trio.open_nursery() as nursery:
 
@@ -122,7 +136,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                         return
 
             async def serve() -> None:
-                await server.serve()
+                await serve_loop(server)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
@@ -147,7 +161,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
     log.info("stopped")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "status":
         return status.run(args)
@@ -155,12 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         # Its own level: --trace shows even with --log-level warning.
         logging.getLogger("cuse_ksm.trace").setLevel(logging.INFO)
+    rc = 0
+    # except*: the daemon's tasks run in nurseries, which raise what fails in
+    # them inside an ExceptionGroup; a bare exception matches too.
     try:
-        trio.run(run_daemon, args)
-    except NoCuseError as e:
-        log.error("%s", e)
-        return 2
-    except PermissionError as e:
-        log.error("%s: the daemon must run as root (it opens /dev/cuse and other processes' memory)", e)
-        return 2
-    return 0
+        trio.run(run_daemon, args, serve_loop)
+    except* NoCuseError as no_cuse:
+        for e in no_cuse.exceptions:
+            log.error("%s", e)
+        rc = 2
+    except* PermissionError as denied:
+        for refusal in denied.exceptions:
+            log.error("%s: the daemon must run as root (it opens /dev/cuse and other processes' memory)", refusal)
+        rc = 2
+    return rc

@@ -2,14 +2,16 @@
 
 Every open of the device node is a :class:`DeviceFile` unless it is the open
 that the fd hand-out injected into a CREATE_SHARED_MEMORY_AREA caller, which
-becomes that SMA's :class:`SmaFile`.  Both live behind the FUSE file handle
-the kernel gives back with every request.
+becomes that SMA's :class:`SmaFile` (the session, which borrowed that caller,
+says which open that is).  Both live behind the FUSE file handle the kernel
+gives back with every request.
 
 This layer decides *what* each call does and returns; it performs no I/O of
 its own.  Two things it needs from the outside are injected: the engine (the
 state the calls change) and ``open_space``, which pins a caller's memory.
-CREATE_SHARED_MEMORY_AREA cannot finish here - only the daemon can put an fd
-into the caller - so it yields a :class:`HandOut` for the daemon to carry out.
+CREATE_SHARED_MEMORY_AREA cannot finish here - only the caller can open an fd
+in its own process - so it yields a :class:`HandOut` for the session
+(:mod:`cuse_ksm.session`) to carry out.
 
 Quirks of the 2009 driver reproduced on purpose (see README, "Quirks"):
 
@@ -117,18 +119,15 @@ class KsmDevice:
         self._open_space = open_space
         self.files: dict[int, OpenFile] = {}
         self._fhs = itertools.count(1)
-        # tid -> SMA whose fd is being handed out to that thread right now.
-        self._expected_opens: dict[int, Sma] = {}
         # GET_INFO_KTHREAD's answer, and the engine's struct it was built from.
         self._info_of: abi.KthreadInfo | None = None
         self._info = _SUCCESS
 
     # -- opens and releases ---------------------------------------------------
 
-    def open(self, tid: int) -> OpenFile:
-        """A FUSE_OPEN from thread ``tid``: the injected open of a hand-out, or a plain device open."""
+    def open(self, *, sma: Sma | None = None) -> OpenFile:
+        """A FUSE_OPEN: a plain device open, or with ``sma`` the open that hands out that SMA's fd."""
         fh = next(self._fhs)
-        sma = self._expected_opens.pop(tid, None)
         file: OpenFile = SmaFile(fh, sma) if sma is not None else DeviceFile(fh)
         self.files[fh] = file
         return file
@@ -140,18 +139,12 @@ class KsmDevice:
             self.engine.release_sma(file.sma)
         return file
 
-    def expect_open(self, tid: int, sma: Sma) -> None:
-        """The next open from ``tid`` is the hand-out's: bind it to ``sma``."""
-        self._expected_opens[tid] = sma
-
-    def hand_out_failed(self, tid: int, sma: Sma) -> None:
-        """The fd never reached the caller: the SMA ends now.
+    def hand_out_failed(self, sma: Sma) -> None:
+        """The fd of ``sma`` never reached its caller: the SMA ends now.
 
         If the injected open did arrive, its file stays until the kernel
         releases it, but its ioctls fail with EBADF (see :meth:`_sma_ioctl`).
         """
-        if self._expected_opens.get(tid) is sma:
-            del self._expected_opens[tid]
         self.engine.release_sma(sma)
 
     # -- ioctls -----------------------------------------------------------------

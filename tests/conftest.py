@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Generator, Iterator
@@ -37,12 +36,9 @@ import pytest
 import trio
 
 from cuse_ksm import abi, controltree
-from cuse_ksm.daemon import Injector, Server, inject_into_ioctl
 from cuse_ksm.device import Done, KsmDevice
 from cuse_ksm.engine import Engine
-from cuse_ksm.host.procmem import ProcessMemory
 from tests.engine.fakes import FakeSpace
-from tests.fakekernel import FakeKernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,22 +74,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: reads oth
 needs_fuse = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0, reason="needs /dev/fuse and root (allow_other)"
 )
-
-# -- the daemon over a fake CUSE channel ---------------------------------------------------
-
-
-class Harness:
-    def __init__(self, injector: Injector = inject_into_ioctl) -> None:
-        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.ours.setblocking(False)
-        theirs.setblocking(False)
-        self.kernel = FakeKernel(theirs)
-        self.engine = Engine()
-        self.device = KsmDevice(self.engine, ProcessMemory.open)
-        self.server = Server(
-            self.ours.fileno(), self.device, devname="ksmtest", dev_dir="/nonexistent", injector=injector
-        )
-
 
 # -- FUSE mounts and commands ----------------------------------------------------------------
 
@@ -133,7 +113,7 @@ READ_ONLY = [v.name for v in controltree.VALUES if not v.writable]
 
 def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
     dev = KsmDevice(engine, FakeSpace)
-    fh = dev.open(1).fh
+    fh = dev.open().fh
     out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
     assert isinstance(out, Done)
     return out
@@ -141,7 +121,7 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
 
 def get_info(engine: Engine) -> abi.KthreadInfo:
     dev = KsmDevice(engine, FakeSpace)
-    out = dev.ioctl(dev.open(1).fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
+    out = dev.ioctl(dev.open().fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
     assert isinstance(out, Done)
     return abi.KthreadInfo.unpack(out.out)
 

@@ -1,12 +1,14 @@
 """The ioctl table of the 2009 driver, quirks included, at the device layer."""
 
 import errno
+import subprocess
 
 import pytest
 
 from cuse_ksm import abi
 from cuse_ksm.device import Done, Fetch, HandOut, KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
+from cuse_ksm.host.procmem import ProcessMemory
 from tests.engine.fakes import FakeSpace
 
 
@@ -35,17 +37,16 @@ def dev(spaces):
     return KsmDevice(Engine(), spaces)
 
 
-def device_fh(dev, tid=100):
-    return dev.open(tid).fh
+def device_fh(dev):
+    return dev.open().fh
 
 
 def new_sma_fh(dev, tid=100):
-    """Create an SMA the way the daemon does: HandOut, then the injected open from the same thread."""
-    fh = device_fh(dev, tid)
+    """Create an SMA the way the session does: HandOut, then the injected open, bound to it."""
+    fh = device_fh(dev)
     out = dev.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, tid, b"")
     assert isinstance(out, HandOut)
-    dev.expect_open(tid, out.sma)
-    file = dev.open(tid)
+    file = dev.open(sma=out.sma)
     assert isinstance(file, SmaFile) and file.sma is out.sma
     return file.fh, out.sma
 
@@ -124,6 +125,16 @@ def test_register_when_caller_has_no_memory_is_minus_eperm(dev, spaces):
     assert sma.slots == []
 
 
+def test_register_from_a_process_that_is_gone_is_minus_eperm():
+    """The same through the real memory reader: nothing answers to the pid any more."""
+    dev = KsmDevice(Engine(), ProcessMemory.open)
+    fh, sma = new_sma_fh(dev)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # exited and reaped
+    assert dev.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, dead.pid, region(1, 0x1000)) == Done(-errno.EPERM)
+    assert sma.slots == []
+
+
 def test_remove_drops_every_region_of_that_sma_only(dev, spaces):
     fh_a, sma_a = new_sma_fh(dev, tid=1)
     fh_b, sma_b = new_sma_fh(dev, tid=2)
@@ -148,27 +159,23 @@ def test_release_of_sma_file_acts_as_remove(dev, spaces):
 
 
 def test_release_of_device_file_keeps_smas(dev):
-    dev_fh = device_fh(dev, tid=3)
+    dev_fh = device_fh(dev)
     fh, _sma = new_sma_fh(dev, tid=3)
     dev.release(dev_fh)
     assert dev.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, 3, region(1, 0x1000)) == Done(0)
 
 
 def test_failed_hand_out_forgets_the_sma(dev):
-    fh = device_fh(dev, tid=9)
-    out = dev.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
-    dev.expect_open(9, out.sma)
-    dev.hand_out_failed(9, out.sma)
+    out = dev.ioctl(device_fh(dev), abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
+    assert out.sma.id in dev.engine.smas
+    dev.hand_out_failed(out.sma)
     assert out.sma.id not in dev.engine.smas
-    assert not isinstance(dev.open(9), SmaFile)  # the next open from 9 is a plain device open
 
 
 def test_open_that_arrived_before_the_hand_out_failed_gives_ebadf(dev):
-    fh = device_fh(dev, tid=9)
-    out = dev.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
-    dev.expect_open(9, out.sma)
-    sma_fh = dev.open(9).fh
-    dev.hand_out_failed(9, out.sma)
+    out = dev.ioctl(device_fh(dev), abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
+    sma_fh = dev.open(sma=out.sma).fh
+    dev.hand_out_failed(out.sma)
     assert dev.ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION, 9, region(1, 0x1000)) == Done(-errno.EBADF)
     dev.release(sma_fh)  # the kernel's later RELEASE is harmless
 

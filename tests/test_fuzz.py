@@ -30,7 +30,8 @@ from cuse_ksm.daemon import Server
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.host.ptrace import HandoutError
+from cuse_ksm.host.syscall import BorrowError, Syscall
+from cuse_ksm.session import CuseSession
 from tests.engine.fakes import FakeSpace
 from tests.fakekernel import FakeKernel
 
@@ -227,23 +228,24 @@ def run_scenario(ops: list[Op]) -> None:
         device = KsmDevice(engine, spaces)
         model = Driver2009()
         mode = ["ok"]
-        handouts: list[tuple[int, bytes, int]] = []  # what the injector was asked to do
+        handouts: list[tuple[int, str, bytes, int | object]] = []  # what the borrower was asked to do
         opened: list[int] = []  # fh of each open the injector made in its caller
 
-        async def injector(tid: int, path: bytes, flags: int, reply: Callable[[], None]) -> int:
-            handouts.append((tid, path, flags))
+        async def borrower(tid: int, call: Syscall, reply: Callable[[], None]) -> int:
+            handouts.append((tid, call.name, call.stack, call.args[2]))
             if mode[0] == "busy":
-                raise HandoutError(errno.EBUSY, "already traced")
+                raise BorrowError(errno.EBUSY, "already traced")
             reply()
             if mode[0] == "killed":
-                raise HandoutError(errno.ESRCH, "killed during the hand-out", replied=True)
+                raise BorrowError(errno.ESRCH, "killed during the hand-out")
             fh = await kernel.open(pid=tid)
             opened.append(fh)
             if mode[0] == "killed_after_open":
-                raise HandoutError(errno.ESRCH, "killed after its open", replied=True)
+                raise BorrowError(errno.ESRCH, "killed after its open")
             return 100 + fh  # its fd in the caller: only logged
 
-        server = Server(ours.fileno(), device, dev_dir="/nonexistent", injector=injector)
+        session = CuseSession(device, dev_dir="/nonexistent")
+        server = Server(ours.fileno(), session, borrower)
         fhs: list[int] = []
 
         async def create(fh: int, tid: int, flags: int = 0) -> None:
@@ -252,7 +254,7 @@ def run_scenario(ops: list[Op]) -> None:
             answer = Answer(*await kernel.ioctl(fh, CREATE, pid=tid, flags=flags))
             with trio.fail_after(5):
                 await trio.testing.wait_all_tasks_blocked()  # the hand-out ran to its end
-            assert handouts[calls:] == [(tid, b"/nonexistent/ksm", os.O_RDWR)]
+            assert handouts[calls:] == [(tid, "openat", b"/nonexistent/ksm\0", os.O_RDWR)]
             if mode[0] == "busy":
                 # Nothing was done to the caller: it gets the error, and nothing new exists.
                 assert answer == Answer(-errno.EBUSY)

@@ -1,4 +1,7 @@
-"""Tests for cuse_ksm.host.ptrace.inject_open, on the host, as root.
+"""Tests for cuse_ksm.host.ptrace.borrow, the borrowed syscall, on the host, as root.
+
+Mostly its first case, the fd hand-out's openat (``borrow_open``); one test
+borrows the thread for a call without stack bytes (madvise), the next case.
 
 A small C program plays the caller of the ioctl: each of its worker threads
 blocks in a system call (read() on a pipe, mostly) and the test's reply()
@@ -31,7 +34,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from cuse_ksm.host.ptrace import WALL, HandoutError, inject_open
+from cuse_ksm.host.ptrace import DEFAULT_GRACE, DEFAULT_TIMEOUT, WALL, borrow
+from cuse_ksm.host.syscall import BorrowError, Syscall, openat
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or os.geteuid() != 0 or shutil.which("gcc") is None,
@@ -39,8 +43,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 NR_READ = 0
+NR_MMAP = 9
+NR_MADVISE = 28
 NR_VFORK = 58
 NR_OPENAT = 257
+MADV_MERGEABLE = 12
+PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 0x02, 0x20
+PAGE_SIZE = 4096
 
 CHILD_C = r"""
 #define _GNU_SOURCE
@@ -240,13 +249,35 @@ def tgkill(pid: int, tid: int, sig: int) -> None:
         raise OSError(ctypes.get_errno(), "tgkill")
 
 
-def completer(w: int) -> Callable[[], None]:
-    """A reply() that completes the worker's read(): one byte into its pipe."""
+PURPOSE = "hand out the test's file"
 
-    def reply() -> None:
-        os.write(w, b"x")
 
-    return reply
+async def borrow_open(
+    tid: int,
+    path: bytes,
+    flags: int,
+    reply: Callable[[], None],
+    *,
+    expect_syscall: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    grace: float = DEFAULT_GRACE,
+) -> int:
+    """The fd hand-out's case: thread ``tid`` opens ``path`` itself."""
+    call = openat(path, flags, purpose=PURPOSE)
+    return await borrow(tid, call, reply, expect_syscall=expect_syscall, timeout=timeout, grace=grace)
+
+
+class Completer:
+    """A reply() that completes the worker's read() (one byte into its pipe, if any) and counts its calls."""
+
+    def __init__(self, w: int = -1) -> None:
+        self.w = w
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.w >= 0:
+            os.write(self.w, b"x")
 
 
 def tracer_pid(pid: int, tid: int) -> int | None:
@@ -255,6 +286,19 @@ def tracer_pid(pid: int, tid: int) -> int | None:
     except FileNotFoundError:
         return None
     return int(text.split("TracerPid:")[1].split()[0])
+
+
+def vm_flags(pid: int, addr: int) -> list[str]:
+    """The VmFlags of the mapping of ``pid`` that holds ``addr`` (/proc/PID/smaps)."""
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(x, 16) for x in head.split("-"))
+            inside = start <= addr < end
+        elif inside and head == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping of {pid} holds {addr:#x}")
 
 
 def task_state(pid: int, tid: int) -> str:
@@ -403,7 +447,7 @@ async def test_handout_success(spawn, tmp_path: Path) -> None:
         calls.append(tracer_pid(child.pid, tid) or 0)
         os.write(w, b"x")
 
-    fd = await inject_open(tid, bytes(path), os.O_RDWR, reply, expect_syscall=NR_READ)
+    fd = await borrow_open(tid, bytes(path), os.O_RDWR, reply, expect_syscall=NR_READ)
     assert calls == [os.getpid()]  # called once, with T already seized
     assert fd >= 0 and fd not in before
     assert tracer_pid(child.pid, tid) == 0
@@ -411,6 +455,49 @@ async def test_handout_success(spawn, tmp_path: Path) -> None:
     assert result["ret"] == fd  # not 1, the byte count of the read
     assert result["fail"] == 0  # registers and stack as they were
     assert_is_file(result, path, content)
+
+
+@pytest.mark.trio
+async def test_a_call_without_stack_bytes(spawn) -> None:
+    """The next case of the mechanism: madvise(addr, len, MADV_MERGEABLE) on the caller's own memory.
+
+    Only the caller can mark its memory mergeable; its ioctl then returns 0.
+    Its VMA shows the flag ("mg" in smaps), so the call ran in its mm.
+    """
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    page = child.spin_counter & ~(PAGE_SIZE - 1)
+    madvise = Syscall("madvise", NR_MADVISE, (page, PAGE_SIZE, MADV_MERGEABLE), what="madvise", purpose="merge")
+    reply = Completer(w)
+    assert await borrow(tid, madvise, reply, expect_syscall=NR_READ) == 0
+    assert reply.calls == 1
+    result = await child.done(0)
+    assert (result["ret"], result["fail"]) == (0, 0)  # madvise's 0, not the read's 1; registers intact
+    assert "mg" in vm_flags(child.pid, page)
+
+
+@pytest.mark.trio
+async def test_a_call_with_six_arguments(spawn) -> None:
+    """mmap(NULL, 3 pages, PROT_READ, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0): every argument register is set.
+
+    The asm worker leaves canaries in r8-r10; mmap fails with EINVAL if
+    the flags (r10) or the offset (r9) were left at theirs.
+    """
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    length = 3 * PAGE_SIZE
+    args = (0, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    mmap = Syscall("mmap", NR_MMAP, args, what="map 3 pages", purpose="test the argument registers")
+    addr = await borrow(tid, mmap, Completer(w), expect_syscall=NR_READ)
+    result = await child.done(0)
+    assert (result["ret"], result["fail"]) == (addr, 0)
+    mapped = []
+    for line in Path(f"/proc/{child.pid}/maps").read_text().splitlines():
+        span, perms = line.split()[:2]
+        start, end = (int(x, 16) for x in span.split("-"))
+        if start <= addr and addr + length <= end:
+            mapped.append(perms)
+    assert mapped == ["r--p"]  # read-only, private: the mapping asked for (it may merge with a neighbour)
 
 
 @pytest.mark.trio
@@ -422,11 +509,11 @@ async def test_concurrent_handouts(spawn, tmp_path: Path) -> None:
     fds: dict[int, int] = {}
 
     async def one(i: int) -> None:
-        fds[i] = await inject_open(
+        fds[i] = await borrow_open(
             tids[i],
             bytes(files[i][0]),
             os.O_RDONLY,
-            completer(writers[i]),
+            Completer(writers[i]),
         )
 
     async with trio.open_nursery() as nursery:
@@ -466,7 +553,7 @@ async def test_open_blocks_while_daemon_keeps_serving(spawn, tmp_path: Path) -> 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(open_writer)
-            fd = await inject_open(tid, bytes(fifo), os.O_RDONLY, completer(w))
+            fd = await borrow_open(tid, bytes(fifo), os.O_RDONLY, Completer(w))
         result = await child.done(0)
     finally:
         for fd_ in writer:
@@ -480,10 +567,11 @@ async def test_open_blocks_while_daemon_keeps_serving(spawn, tmp_path: Path) -> 
 async def test_missing_path_fails_the_syscall(spawn, tmp_path: Path) -> None:
     child, (w,) = spawn("libc")
     tid = await child.ready(0, NR_READ)
-    with pytest.raises(HandoutError) as info:
-        await inject_open(tid, bytes(tmp_path / "nope"), os.O_RDWR, completer(w))
+    reply = Completer(w)
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(tid, bytes(tmp_path / "nope"), os.O_RDWR, reply)
     assert info.value.errno == errno.ENOENT
-    assert info.value.replied
+    assert reply.calls == 1
     assert "nope" in str(info.value)
     result = await child.done(0)
     assert (result["ret"], result["err"]) == (-1, errno.ENOENT)
@@ -508,14 +596,18 @@ async def test_already_traced(spawn, tmp_path: Path) -> None:
     try:
         assert attached.wait(5) and seize_result == [0]
         calls: list[int] = []
-        with pytest.raises(HandoutError) as info:
-            await inject_open(tid, bytes(path), os.O_RDWR, lambda: calls.append(1))
+        with pytest.raises(BorrowError) as info:
+            await borrow_open(tid, bytes(path), os.O_RDWR, lambda: calls.append(1))
     finally:
         release.set()
         thread.join()
     assert info.value.errno == errno.EBUSY
-    assert not info.value.replied and calls == []
-    assert f"thread {tid} is already being traced" in str(info.value)
+    assert calls == []  # not replied: the caller answers the ioctl itself
+    # The other tracer is a thread of this very process, which stands in for the daemon.
+    assert str(info.value) == (
+        f"thread {tid} is already being traced by this daemon (an earlier borrowed call of it "
+        f"is unfinished); cannot {PURPOSE}"
+    )
     await wait_until(lambda: tracer_pid(child.pid, tid) == 0, "the other tracer's exit")
     os.write(w, b"x")  # T was never touched: its read completes normally
     result = await child.done(0)
@@ -526,10 +618,10 @@ async def test_already_traced(spawn, tmp_path: Path) -> None:
 async def test_no_such_thread() -> None:
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     calls: list[int] = []
-    with pytest.raises(HandoutError) as info:
-        await inject_open(pid_max + 1, b"/dev/null", os.O_RDWR, lambda: calls.append(1))
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(pid_max + 1, b"/dev/null", os.O_RDWR, lambda: calls.append(1))
     assert info.value.errno == errno.ESRCH
-    assert not info.value.replied and calls == []
+    assert calls == []
 
 
 @pytest.mark.trio
@@ -550,11 +642,13 @@ async def test_killed_during_handout(spawn, tmp_path: Path, when: str) -> None:
         await wait_until(lambda: syscall_file.read_text().split()[0] == str(NR_OPENAT), "openat")
         os.kill(child.pid, signal.SIGKILL)
 
-    with pytest.raises(HandoutError) as info:
-        async with trio.open_nursery() as nursery:
-            if when == "during_openat":
-                nursery.start_soon(killer)
-            await inject_open(tid, bytes(fifo), os.O_RDONLY, reply)
+    # The error is caught inside the nursery: one that left it would come out
+    # wrapped in an ExceptionGroup (trio's strict exception groups).
+    async with trio.open_nursery() as nursery:
+        if when == "during_openat":
+            nursery.start_soon(killer)
+        with pytest.raises(BorrowError) as info:
+            await borrow_open(tid, bytes(fifo), os.O_RDONLY, reply)
     assert info.value.errno == errno.ESRCH
     assert "SIGKILL" in str(info.value)
     # T was reaped by us, so the process can be reaped by its parent: no
@@ -575,7 +669,7 @@ async def test_signal_during_handout_is_delivered_after(spawn, tmp_path: Path) -
         os.write(w, b"x")
         tgkill(child.pid, tid, signal.SIGUSR1)
 
-    fd = await inject_open(tid, bytes(path), os.O_RDWR, reply)
+    fd = await borrow_open(tid, bytes(path), os.O_RDWR, reply)
     result = await child.done(0)
     assert (result["usr1"], result["usr1_tid"]) == (1, tid)  # once, in T
     assert result["ret"] == fd  # not EINTR: the handler ran after the ioctl
@@ -600,7 +694,7 @@ async def test_sigstop_during_handout(spawn, tmp_path: Path, target: str) -> Non
         else:
             os.kill(child.pid, signal.SIGSTOP)
 
-    fd = await inject_open(tid, bytes(path), os.O_RDWR, reply)
+    fd = await borrow_open(tid, bytes(path), os.O_RDWR, reply)
     tasks = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
     await wait_until(lambda: all(task_state(child.pid, t) == "T" for t in tasks), "group-stop")
     assert tracer_pid(child.pid, tid) == 0
@@ -618,9 +712,10 @@ async def test_int80_is_refused(spawn, tmp_path: Path) -> None:
     path, _ = make_file(tmp_path, "sma")
     child, (w,) = spawn("int80")
     tid = await child.ready(0, 3)  # read in the i386 table
-    with pytest.raises(HandoutError) as info:
-        await inject_open(tid, bytes(path), os.O_RDWR, completer(w))
-    assert info.value.errno == errno.ENOEXEC and info.value.replied
+    reply = Completer(w)
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(tid, bytes(path), os.O_RDWR, reply)
+    assert info.value.errno == errno.ENOEXEC and reply.calls == 1
     assert "cd 80" in str(info.value)
     result = await child.done(0)
     assert (result["ret"], result["err"]) == (-1, errno.ENOEXEC)
@@ -636,8 +731,8 @@ async def test_thread_running_user_code_is_left_alone(spawn) -> None:
     mem = os.open(f"/proc/{child.pid}/mem", os.O_RDONLY)
     try:
         await wait_until(lambda: os.pread(mem, 8, child.spin_counter) != bytes(8), "spinning")
-        with pytest.raises(HandoutError) as info:
-            await inject_open(tid, b"/dev/null", os.O_RDWR, lambda: None)
+        with pytest.raises(BorrowError) as info:
+            await borrow_open(tid, b"/dev/null", os.O_RDWR, lambda: None)
         assert info.value.errno == errno.EINVAL
         assert "not in a system call" in str(info.value)
         assert tracer_pid(child.pid, tid) == 0
@@ -653,8 +748,8 @@ async def test_unexpected_syscall_is_left_alone(spawn) -> None:
     interrupted by PTRACE_INTERRUPT is transparently restarted."""
     child, (w,) = spawn("asm")
     tid = await child.ready(0, NR_READ)
-    with pytest.raises(HandoutError) as info:
-        await inject_open(tid, b"/dev/null", os.O_RDWR, lambda: None, expect_syscall=16)
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(tid, b"/dev/null", os.O_RDWR, lambda: None, expect_syscall=16)
     assert info.value.errno == errno.EINVAL
     assert tracer_pid(child.pid, tid) == 0
     syscall_file = Path(f"/proc/{child.pid}/task/{tid}/syscall")
@@ -672,10 +767,11 @@ async def test_timeout_in_blocking_openat(spawn, tmp_path: Path) -> None:
     child, (w,) = spawn("asm")
     tid = await child.ready(0, NR_READ)
     start = time.monotonic()
-    with pytest.raises(HandoutError) as info:
-        await inject_open(tid, bytes(fifo), os.O_RDONLY, completer(w), timeout=0.3)
+    reply = Completer(w)
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(tid, bytes(fifo), os.O_RDONLY, reply, timeout=0.3)
     assert 0.3 <= time.monotonic() - start < 1.3
-    assert info.value.errno == errno.ETIMEDOUT and info.value.replied
+    assert info.value.errno == errno.ETIMEDOUT and reply.calls == 1
     result = await child.done(0)
     assert (result["ret"], result["err"], result["fail"]) == (-1, errno.ETIMEDOUT, 0)
     assert tracer_pid(child.pid, tid) == 0
@@ -689,10 +785,11 @@ async def test_timeout_with_unstoppable_thread(spawn) -> None:
     child, (w,) = spawn("vfork")
     tid = await child.ready(0, NR_VFORK)
     start = time.monotonic()
-    with pytest.raises(HandoutError) as info:
-        await inject_open(tid, b"/dev/null", os.O_RDWR, lambda: None, timeout=0.2, grace=0.2)
+    reply = Completer()
+    with pytest.raises(BorrowError) as info:
+        await borrow_open(tid, b"/dev/null", os.O_RDWR, reply, timeout=0.2, grace=0.2)
     assert time.monotonic() - start < 0.9
-    assert info.value.errno == errno.ETIMEDOUT and info.value.replied
+    assert info.value.errno == errno.ETIMEDOUT and reply.calls == 1
     assert "stays traced" in str(info.value)
     await trio.sleep(0.1)
     assert tracer_pid(child.pid, tid) != 0  # still ours, for now
@@ -710,7 +807,7 @@ async def test_cancelled_during_openat(spawn, tmp_path: Path) -> None:
     child, (w,) = spawn("asm")
     tid = await child.ready(0, NR_READ)
     with trio.move_on_after(0.2) as scope:
-        await inject_open(tid, bytes(fifo), os.O_RDONLY, completer(w))
+        await borrow_open(tid, bytes(fifo), os.O_RDONLY, Completer(w))
     assert scope.cancelled_caught
     result = await child.done(0)
     assert (result["ret"], result["err"], result["fail"]) == (-1, errno.ECANCELED, 0)
@@ -728,7 +825,7 @@ async def test_failing_reply_releases_thread(spawn, tmp_path: Path) -> None:
         raise RuntimeError("CUSE channel gone")
 
     with pytest.raises(RuntimeError, match="CUSE channel gone"):
-        await inject_open(tid, bytes(path), os.O_RDWR, reply)
+        await borrow_open(tid, bytes(path), os.O_RDWR, reply)
     result = await child.done(0)
     assert (result["ret"], result["err"], result["fail"]) == (-1, errno.EIO, 0)
     assert tracer_pid(child.pid, tid) == 0

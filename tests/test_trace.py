@@ -1,29 +1,62 @@
-"""--trace: one strace-like line per completed ioctl, through the fake CUSE channel."""
+"""--trace: one strace-like line per completed ioctl, from the session's answers."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
-import struct
 
 import pytest
-import trio
 
 from cuse_ksm import abi
 from cuse_ksm import protocol as p
-from tests.conftest import Harness
+from cuse_ksm.device import KsmDevice
+from cuse_ksm.engine import Engine
+from cuse_ksm.host.procmem import ProcessMemory
+from cuse_ksm.session import Borrow, CuseSession
+
+ARG = 0x7FFF0000
+
+
+class Caller:
+    """Plays the kernel's side for one thread: the RETRY dance, as fakekernel.FakeKernel does over a socket."""
+
+    def __init__(self, session: CuseSession, pid: int) -> None:
+        self.session, self.pid = session, pid
+        self.unique = 100
+
+    def _send(self, req: p.Request) -> p.Request:
+        self.unique += 2
+        req.unique = self.unique
+        return req
+
+    def open(self) -> int:
+        reply = self.session.receive(self._send(p.Open(0, self.pid, os.O_RDWR)))
+        assert isinstance(reply, bytes)
+        return p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
+
+    def ioctl(self, fh: int, cmd: int, arg: int = ARG, data: bytes = b"", is_32bit: bool = False) -> object:
+        """Returns the session's output for the call that completes it."""
+        in_data, out_size = b"", 0
+        while True:
+            out = self.session.receive(self._send(p.Ioctl(0, self.pid, fh, cmd, arg, out_size, in_data, is_32bit)))
+            if not isinstance(out, bytes):
+                return out
+            _result, flags, n_in, n_out = p.IOCTL_OUT.unpack_from(out, p.OUT_HEADER.size)
+            if not flags & p.FUSE_IOCTL_RETRY:
+                return out
+            assert (in_data, out_size) == (b"", 0), "asked to retry twice"
+            in_data, out_size = data[: abi.STRUCT_SIZE * n_in], abi.STRUCT_SIZE * n_out
 
 
 @pytest.fixture
-async def traced(nursery, caplog):
+def traced(caplog) -> CuseSession:
     caplog.set_level(logging.INFO, logger="cuse_ksm.trace")
-    harness = Harness()
-    harness.server.trace = True
-    nursery.start_soon(harness.server.serve)
-    nursery.start_soon(harness.kernel.pump)
-    await harness.kernel.init()
-    return harness
+    device = KsmDevice(Engine(), ProcessMemory.open)
+    session = CuseSession(device, devname="ksmtest", dev_dir="/nonexistent", trace=True)
+    session.receive(p.CuseInit(1, 0, 7, 31, 0))
+    return session
 
 
 def trace_lines(caplog) -> list[str]:
@@ -33,15 +66,16 @@ def trace_lines(caplog) -> list[str]:
 TIME = r" <\d+\.\d{3} ms>$"
 
 
-async def test_device_calls_are_decoded(traced, caplog):
-    h = traced
-    fh = await h.kernel.open(pid=321)
-    await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION, arg=0, pid=321)
+def test_device_calls_are_decoded(traced, caplog):
+    c = Caller(traced, 321)
+    fh = c.open()
+    c.ioctl(fh, abi.KSM_GET_API_VERSION, arg=0)
     start = abi.KthreadInfo(sleep=200, pages_to_scan=64, flags=1, pad=0xCCCC, reserved_bits=0).pack()
-    await h.kernel.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=start, pid=321)
-    await h.kernel.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, pid=321)
-    await h.kernel.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=abi.KthreadInfo(1, 0, 1).pack(), pid=321)
-    await h.kernel.ioctl(fh, 0xAB7F, arg=0x1234, pid=321)
+    c.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=start)
+    c.ioctl(fh, abi.KSM_GET_INFO_KTHREAD)
+    c.ioctl(fh, abi.KSM_START_STOP_KTHREAD, data=abi.KthreadInfo(1, 0, 1).pack())
+    c.ioctl(fh, 0xAB7F, arg=0x1234)
+    c.ioctl(fh + 100, abi.KSM_GET_API_VERSION, arg=0)
     lines = trace_lines(caplog)
     expected = [
         r"trace: pid 321 /nonexistent/ksmtest KSM_GET_API_VERSION 0 = 1",
@@ -54,24 +88,28 @@ async def test_device_calls_are_decoded(traced, caplog):
         r"trace: pid 321 /nonexistent/ksmtest KSM_START_STOP_KTHREAD "
         r"\{sleep=1, pages_to_scan=0, flags=0x1, pad=0, reserved_bits=0\} = 1",
         r"trace: pid 321 /nonexistent/ksmtest 0xab7f 0x1234 = -1 EINVAL \(Invalid argument\)",
+        rf"trace: pid 321 fh#{fh + 100} KSM_GET_API_VERSION 0 = -1 EBADF \(Bad file descriptor\)",
     ]
     assert len(lines) == len(expected), lines  # one line per ioctl: the RETRY round trips are not calls
     for line, pattern in zip(lines, expected, strict=True):
         assert re.fullmatch(pattern + TIME, line), line
 
 
-async def test_sma_calls_name_the_sma(traced, caplog):
-    h = traced
-    sma = h.engine.new_sma()
-    h.device.expect_open(os.getpid(), sma)
-    fh = await h.kernel.open(pid=os.getpid())
+def test_sma_calls_name_the_sma(traced, caplog):
+    pid = os.getpid()  # REGISTER records the caller's memory: this process stands in for it
+    c = Caller(traced, pid)
+    (borrow,) = c.ioctl(c.open(), abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    traced.complete_ioctl(borrow)
+    fh = c.open()
+    traced.borrowed(borrow, 9)
+    caplog.clear()
     buf = bytearray(2 * abi.PAGE_SIZE)
     region = abi.MemoryRegion(npages=2, addr=id(buf), pad=0xCCCCCCCC, reserved_bits=0xDEAD).pack()
-    await h.kernel.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, data=region, pid=os.getpid())
-    await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION, pid=os.getpid())
-    await h.kernel.ioctl(fh, abi.KSM_REMOVE_MEMORY_REGION, arg=0, pid=os.getpid())
+    c.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, data=region)
+    c.ioctl(fh, abi.KSM_GET_API_VERSION)
+    c.ioctl(fh, abi.KSM_REMOVE_MEMORY_REGION, arg=0)
     lines = trace_lines(caplog)
-    pid, n = os.getpid(), sma.id
+    n = borrow.sma.id
     expected = [
         rf"trace: pid {pid} sma#{n} KSM_REGISTER_MEMORY_REGION "
         rf"\{{npages=2, pad=0xcccccccc, addr={id(buf):#x}, reserved_bits=0xdead\}} = 0",
@@ -83,45 +121,39 @@ async def test_sma_calls_name_the_sma(traced, caplog):
         assert re.fullmatch(pattern + TIME, line), line
 
 
-async def test_hand_out_and_32bit_and_errors(nursery, caplog):
-    caplog.set_level(logging.INFO, logger="cuse_ksm.trace")
-
-    async def fake_inject(tid, path, flags, reply):
-        reply()
-        await h.kernel.open(pid=tid)
-        return 7
-
-    h = Harness(injector=fake_inject)
-    h.server.trace = True
-    nursery.start_soon(h.server.serve)
-    nursery.start_soon(h.kernel.pump)
-    await h.kernel.init()
-    fh = await h.kernel.open(pid=55)
-    body = struct.pack("<QIIQII", fh, p.FUSE_IOCTL_UNRESTRICTED, abi.KSM_CREATE_SHARED_MEMORY_AREA, 0, 0, 0)
-    await h.kernel.reply(h.kernel.send(p.Opcode.IOCTL, body, pid=55))
-    with trio.fail_after(5):
-        while h.server.handouts_in_flight:
-            await trio.sleep(0.001)
-    await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION, flags=p.FUSE_IOCTL_32BIT, pid=55)
+def test_hand_outs_and_32bit(traced, caplog):
+    c = Caller(traced, 55)
+    fh = c.open()
+    (ok,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    assert isinstance(ok, Borrow) and trace_lines(caplog) == []  # traced when it ends
+    traced.complete_ioctl(ok)
+    c.open()
+    traced.borrowed(ok, 7)
+    (refused,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    traced.borrow_failed(refused, errno.EBUSY, "already traced")
+    (stopped,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    traced.borrow_cancelled(stopped)
+    c.ioctl(fh, abi.KSM_GET_API_VERSION, is_32bit=True)
     lines = trace_lines(caplog)
-    (sma,) = h.engine.smas.values()
-    assert re.fullmatch(
-        rf"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = 7 \(sma#{sma.id}\)" + TIME, lines[0]
-    ), lines
-    assert re.fullmatch(
+    expected = [
+        rf"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = 7 \(sma#{ok.sma.id}\)" + TIME,
+        r"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = -1 EBUSY \(.*\)" + TIME,
+        r"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = -1 EINTR \(.*\)" + TIME,
         r"trace: pid 55 /nonexistent/ksmtest KSM_GET_API_VERSION 0x7fff0000 = -1 ENOTTY \(.*\)"
         r" <\d+\.\d{3} ms> \[32-bit\]",
-        lines[1],
-    ), lines
+    ]
+    assert len(lines) == len(expected), lines
+    for line, pattern in zip(lines, expected, strict=True):
+        assert re.fullmatch(pattern, line), line
 
 
-async def test_off_by_default_and_silent(nursery, caplog):
+def test_off_by_default_and_silent(caplog):
     caplog.set_level(logging.DEBUG)
-    h = Harness()
-    assert h.server.trace is False
-    nursery.start_soon(h.server.serve)
-    nursery.start_soon(h.kernel.pump)
-    await h.kernel.init()
-    fh = await h.kernel.open()
-    await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION)
+    session = CuseSession(KsmDevice(Engine(), ProcessMemory.open))
+    assert session.tracing is False
+    session.receive(p.CuseInit(1, 0, 7, 31, 0))
+    c = Caller(session, 1000)
+    c.ioctl(c.open(), abi.KSM_GET_API_VERSION)
+    (borrow,) = c.ioctl(c.open(), abi.KSM_CREATE_SHARED_MEMORY_AREA)
+    session.borrow_failed(borrow, errno.EBUSY, "already traced")
     assert trace_lines(caplog) == []

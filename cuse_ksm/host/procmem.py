@@ -52,6 +52,7 @@ import select
 from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.host import procfs
 from cuse_ksm.host.libc import Iovec, process_vm_readv
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
@@ -129,14 +130,6 @@ def _address_of(buf: mmap.mmap) -> int:
 _page_buf = mmap.mmap(-1, PAGE_SIZE)
 
 
-def _tgid_of(tid: int) -> int:
-    with open(f"/proc/{tid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(tid)
-
-
 def pidfd_exited(pidfd: int) -> bool:
     """True once the process behind ``pidfd`` has exited (the pidfd polls readable)."""
     p = select.poll()
@@ -161,7 +154,7 @@ class ProcessMemory:
         Raises ProcessLookupError when the thread (or its memory) is gone.
         """
         try:
-            tgid = _tgid_of(tid)
+            tgid = procfs.tgid(tid)
             pidfd = os.pidfd_open(tgid)
         except (FileNotFoundError, ProcessLookupError) as e:
             raise ProcessLookupError(f"thread {tid} is gone") from e

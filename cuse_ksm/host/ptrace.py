@@ -1,4 +1,4 @@
-"""Hand a freshly opened file descriptor to the thread that called our ioctl.
+"""Borrow the thread that called our ioctl for one system call of its own.
 
 The 2009 /dev/ksm driver created a shared memory area (SMA) with
 anon_inode_getfd() from inside the caller's KSM_CREATE_SHARED_MEMORY_AREA
@@ -7,6 +7,13 @@ cannot do that: its answer to an ioctl is an integer and a byte buffer, and
 nothing carries a file descriptor from the daemon into the caller.  So we make
 the caller open the fd *itself*, on its way back from the ioctl, by borrowing
 the calling thread T for one extra system call with ptrace(2).
+
+The mechanism is not specific to openat.  What T is made to run is a
+:class:`~cuse_ksm.host.syscall.Syscall`: a number, up to six arguments, and
+bytes to place on T's stack for the arguments that point at memory (openat's
+path).  Anything only the caller can do for itself, such as marking its own
+memory mergeable with madvise(), is one more such description; the steps
+below are the same for every call.
 
 The sequence, and why each step is safe:
 
@@ -33,7 +40,7 @@ The sequence, and why each step is safe:
    Both end in the same stop; we overwrite rax either way.
 
 3. reply() completes T's pending syscall (with a placeholder: the result T
-   finally sees is always written by us, see inject_open()).
+   finally sees is always written by us, see borrow()).
 
 4. At the first stop, T is in the kernel, between its syscall and user mode,
    with its user registers saved in pt_regs.  We check that it really is
@@ -49,31 +56,33 @@ The sequence, and why each step is safe:
    nothing is lost, reordered or run with our half-built register state.
    Only SIGKILL and SIGSTOP cannot be blocked; see 8.
 
-6. We write the path, NUL terminated, into T's stack, below the 128-byte red
-   zone plus a margin.  Memory below the red zone belongs to nobody: the ABI
-   lets the kernel clobber it at any time (signal frames), so T's code cannot
-   keep live data there, and T cannot run meanwhile.  We still save the bytes
-   and put them back, so even a program that broke that rule sees no change.
+6. We write the call's stack bytes (openat: the path, NUL terminated) into
+   T's stack, below the 128-byte red zone plus a margin.  Memory below the
+   red zone belongs to nobody: the ABI lets the kernel clobber it at any time
+   (signal frames), so T's code cannot keep live data there, and T cannot run
+   meanwhile.  We still save the bytes and put them back, so even a program
+   that broke that rule sees no change.
 
-7. We set rip -= 2 (back onto the syscall instruction), rax = __NR_openat,
-   rdi = AT_FDCWD, rsi = string, rdx = flags, r10 = 0, orig_rax = -1, and
-   resume with PTRACE_SYSCALL.  orig_rax = -1 and an rax that is no
-   -ERESTART* code keep the kernel's syscall-restart logic, which runs right
-   after this stop, from rewinding rip a second time.  T returns to user mode
-   for exactly one instruction, our `syscall`, and stops at its entry; we
-   resume it again and it stops at the exit.  The open is T's own: it runs
-   with T's credentials, cwd, root, mount namespace, LSM context, seccomp
-   filters and RLIMIT_NOFILE, exactly as if T had called open() itself.  It
-   may block (for our own CUSE device it waits for *this* daemon to answer
+7. We set rip -= 2 (back onto the syscall instruction), rax = the call's
+   number, its arguments in rdi, rsi, rdx, r10, r8, r9 (openat: AT_FDCWD,
+   the path's address on the stack, flags, 0), orig_rax = -1, and resume
+   with PTRACE_SYSCALL.  orig_rax = -1 and an rax that is no -ERESTART* code
+   keep the kernel's syscall-restart logic, which runs right after this
+   stop, from rewinding rip a second time.  T returns to user mode for
+   exactly one instruction, our `syscall`, and stops at its entry; we resume
+   it again and it stops at the exit.  The call is T's own: it runs with T's
+   credentials, cwd, root, mount namespace, LSM context, seccomp filters and
+   RLIMIT_NOFILE, on T's memory, exactly as if T had made it itself.  It may
+   block (an open of our own CUSE device waits for *this* daemon to answer
    the open), which is why every wait here is a trio sleep, never a blocking
    waitpid(): the daemon keeps serving requests meanwhile.
 
-8. At the exit stop rax is the fd or -errno.  We restore the saved registers
-   except rax = that result, the stack bytes and the signal mask, and
-   PTRACE_DETACH.  T returns from its original syscall with the new fd (or
-   the error) and nothing else changed: all registers the syscall ABI
-   preserves hold their old values, rcx/r11 hold what the original `syscall`
-   left there.  Signals that still reached a signal-delivery-stop (SIGSTOP,
+8. At the exit stop rax is the call's result (openat: the fd, or -errno).
+   We restore the saved registers except rax = that result, the stack bytes
+   and the signal mask, and PTRACE_DETACH.  T returns from its original
+   syscall with that result (the new fd, or the error) and nothing else
+   changed: all registers the syscall ABI preserves hold their old values,
+   rcx/r11 hold what the original `syscall` left there.  Signals that still reached a signal-delivery-stop (SIGSTOP,
    or one dequeued before the mask was in place) were suppressed there and
    are queued again to T just before the detach: with rt_tgsigqueueinfo()
    and the original siginfo when the kernel allows it (si_code < 0, e.g.
@@ -89,8 +98,8 @@ Stops we may meet on the way, and what we do:
    PTRACE_DETACH the kernel re-arms the pending group-stop for T (see
    __ptrace_unlink()), so T stops with its process right after returning
    from the ioctl: the stop is delayed by one syscall, not lost.  We
-   deliberately do not use PTRACE_LISTEN, which would hold the hand-out (and
-   T's ioctl) until someone sends SIGCONT.
+   deliberately do not use PTRACE_LISTEN, which would hold the borrowed call
+   (and T's ioctl) until someone sends SIGCONT.
  - signal-delivery-stop: suppress and remember the signal (see 8).
  - exit (WIFEXITED/WIFSIGNALED): T is gone.  waitpid() has reaped it, which
    we must do: a dead tracee stays a zombie until its tracer waits for it,
@@ -101,10 +110,10 @@ cannot be multiplexed with trio.  pidfds only report exit, SIGCHLD would need
 a process-wide handler or a signalfd with SIGCHLD blocked in every thread.
 So we poll waitpid(tid, WNOHANG | __WALL) with a backoff of trio sleeps
 (50 us doubling to 2 ms; trio's epoll timeouts have 1 ms granularity, so the
-first real sleep is about 1 ms).  A hand-out takes three stops, a few ms in
-all.  The tracer is the OS thread that did PTRACE_SEIZE and only it may issue
-further ptrace requests, so everything here runs in the trio thread: never
-call this through trio.to_thread.  And nothing else in the daemon may call
+first real sleep is about 1 ms).  A borrowed call takes three stops, a few
+ms in all.  The tracer is the OS thread that did PTRACE_SEIZE and only it
+may issue further ptrace requests, so everything here runs in the trio
+thread: never call this through trio.to_thread.  And nothing else in the daemon may call
 waitpid(-1)/os.wait(): that would steal our tracee's stop reports.
 """
 
@@ -135,9 +144,11 @@ from typing import Final, NoReturn
 
 import trio
 
+from cuse_ksm.host import procfs
 from cuse_ksm.host.libc import Iovec, libc, process_vm_readv, process_vm_writev
+from cuse_ksm.host.syscall import NR_IOCTL, BorrowError, Syscall
 
-__all__ = ["HandoutError", "inject_open"]
+__all__ = ["borrow", "borrow_from_ioctl"]
 
 log = logging.getLogger(__name__)
 
@@ -158,16 +169,14 @@ PTRACE_EVENT_STOP: Final = 128
 
 WALL: Final = 0x40000000  # __WALL: wait for threads (clone children) too
 
-# x86_64 system call numbers and ABI facts.
-NR_OPENAT: Final = 257
+# x86_64 system call numbers and ABI facts (those of the borrowed calls: host.syscall).
 NR_TGKILL: Final = 234
 NR_RT_TGSIGQUEUEINFO: Final = 297
-AT_FDCWD: Final = -100
 USER64_CS: Final = 0x33  # __USER_CS: 64-bit user code segment
 SYSCALL_INSN: Final = b"\x0f\x05"
 RED_ZONE: Final = 128
 STACK_GAP: Final = 256  # extra distance from the red zone, cheap insurance
-PATH_MAX: Final = 4096
+STACK_MAX: Final = 4096  # the most bytes a call may place on T's stack
 SIGSET_SIZE: Final = 8  # the kernel's sigset_t on x86_64
 SIGINFO_SIZE: Final = 128
 SI_TKILL: Final = -6
@@ -202,10 +211,12 @@ class UserRegs(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in _REG_NAMES]
 
     rax: int
-    rdx: int
-    rsi: int
     rdi: int
+    rsi: int
+    rdx: int
     r10: int
+    r8: int
+    r9: int
     orig_rax: int
     rip: int
     cs: int
@@ -214,36 +225,15 @@ class UserRegs(ctypes.Structure):
 
 assert ctypes.sizeof(UserRegs) == 216
 
+# Where the x86_64 syscall ABI takes arguments one to six.
+_ARG_REGS: Final = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
 
 # ptrace() and syscall() are variadic in glibc; on x86_64 integer and pointer
 # arguments travel in the same registers either way, so fixed argtypes are fine.
 libc.ptrace.restype = ctypes.c_long
 libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
 libc.syscall.restype = ctypes.c_long
-
-
-class HandoutError(Exception):
-    """The SMA fd could not be handed out.
-
-    errno:   positive errno the caller's ioctl should fail with.
-    replied: True once reply() has been called.  Then the caller's syscall has
-             been completed and, if the thread is still alive, its result was
-             set to -errno by us: the daemon must not answer the ioctl again.
-             False: nothing was done to the thread (e.g. EBUSY, ESRCH at
-             PTRACE_SEIZE): the daemon answers the ioctl with -errno itself.
-    str(e) is one human sentence saying why, fit for a single log line.
-    """
-
-    errno: int
-    replied: bool
-
-    def __init__(self, errno: int, message: str, *, replied: bool = False) -> None:
-        super().__init__(message)
-        self.errno = errno
-        self.replied = replied
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 class _Deadline(Exception):
@@ -261,8 +251,8 @@ class _Gone(Exception):
 
 class _Phase(enum.Enum):
     FIRST = "waiting for it to leave its system call"
-    ENTRY = "waiting for the injected openat to start"
-    EXIT = "waiting for the injected openat to finish"
+    ENTRY = "waiting for the injected {call} to start"
+    EXIT = "waiting for the injected {call} to finish"
 
 
 def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
@@ -284,20 +274,6 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}"
-
-
-def _proc_status(tid: int) -> dict[str, str] | None:
-    """Fields of /proc/<tid>/status, or None when the thread is gone."""
-    try:
-        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = {}
-    for line in lines:
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
 
 
 def _vm_rw(fn: Callable[..., int], tid: int, addr: int, buf: ctypes.Array[ctypes.c_char]) -> int:
@@ -331,22 +307,20 @@ def _write_mem(tid: int, addr: int, data: bytes) -> None:
         _ptrace(PTRACE_POKEDATA, tid, start + off, word & _U64)
 
 
-class _Handout:
-    """One hand-out: the state machine driven by T's ptrace stops."""
+class _Borrow:
+    """One borrowed call: the state machine driven by T's ptrace stops."""
 
     def __init__(
         self,
         tid: int,
-        path: bytes,
-        flags: int,
+        call: Syscall,
         reply: Callable[[], None],
         expect_syscall: int | None,
         timeout: float,
         grace: float,
     ) -> None:
         self.tid = tid
-        self.path = path
-        self.flags = flags
+        self.call = call
         self.reply = reply
         self.expect_syscall = expect_syscall
         self.timeout = timeout
@@ -363,13 +337,15 @@ class _Handout:
         self.signals: list[bytes] = []  # siginfo of suppressed signals
         self.abort_errno = 0  # nonzero: get T out as soon as it stops
         self.abort_reason = ""
-        self.replied = False
         self.max_delay = MAX_POLL_DELAY
 
     # -- plumbing -----------------------------------------------------------
 
-    def _error(self, err: int, message: str) -> HandoutError:
-        return HandoutError(err, message, replied=self.replied)
+    def _error(self, err: int, message: str) -> BorrowError:
+        return BorrowError(err, message)
+
+    def _phase(self) -> str:
+        return self.phase.value.format(call=self.call.name)
 
     def _pt(self, request: int, addr: int = 0, data: int = 0) -> int:
         try:
@@ -439,7 +415,7 @@ class _Handout:
         try:
             _ptrace(PTRACE_SEIZE, self.tid, 0, PTRACE_O_TRACESYSGOOD)
         except OSError as exc:
-            raise self._seize_error(exc.errno) from None
+            raise self._seize_error(exc.errno or EIO) from None
         self.attached = True
         try:
             return await self._attached()
@@ -448,63 +424,52 @@ class _Handout:
             if not gone.reaped:
                 with trio.CancelScope(shield=True):
                     how = await self._reap() or how
-            raise self._error(ESRCH, f"thread {self.tid} {how} during the SMA fd hand-out") from None
+            raise self._error(ESRCH, f"thread {self.tid} {how} while borrowed; cannot {self.call.purpose}") from None
 
-    def _seize_error(self, err: int) -> HandoutError:
-        tid = self.tid
+    def _seize_error(self, err: int) -> BorrowError:
+        tid, cannot = self.tid, f"cannot {self.call.purpose}"
         if err == ESRCH:
-            return HandoutError(ESRCH, f"thread {tid} does not exist; cannot hand out the SMA fd")
+            return BorrowError(ESRCH, f"thread {tid} does not exist; {cannot}")
         if err != EPERM:
-            return HandoutError(
-                err,
-                f"PTRACE_SEIZE of thread {tid} failed ({os.strerror(err)}); cannot hand out the SMA fd",
-            )
-        status = _proc_status(tid)
+            return BorrowError(err, f"PTRACE_SEIZE of thread {tid} failed ({os.strerror(err)}); {cannot}")
+        status = procfs.status(tid)
         if status is None or status.get("State", "X")[:1] in "XZ":
-            return HandoutError(ESRCH, f"thread {tid} is exiting; cannot hand out the SMA fd")
+            return BorrowError(ESRCH, f"thread {tid} is exiting; {cannot}")
         tracer = int(status.get("TracerPid", "0") or 0)
         if tracer:
-            tracer_status = _proc_status(tracer) or {}
+            tracer_status = procfs.status(tracer) or {}
             if tracer_status.get("Tgid") == str(os.getpid()):
-                return HandoutError(
+                return BorrowError(
                     EBUSY,
                     f"thread {tid} is already being traced by this daemon (an earlier "
-                    "hand-out to it is unfinished); cannot hand out the SMA fd",
+                    f"borrowed call of it is unfinished); {cannot}",
                 )
-            return HandoutError(
-                EBUSY,
-                f"thread {tid} is already being traced by pid {tracer} (a debugger?); cannot hand out the SMA fd",
-            )
+            return BorrowError(EBUSY, f"thread {tid} is already being traced by pid {tracer} (a debugger?); {cannot}")
         if status.get("Tgid") == str(os.getpid()):
-            return HandoutError(
-                EPERM,
-                f"thread {tid} belongs to the daemon itself; cannot hand out the SMA fd",
-            )
-        return HandoutError(
-            EPERM,
-            f"not permitted to ptrace thread {tid} (no CAP_SYS_PTRACE, or Yama/LSM policy); cannot hand out the SMA fd",
+            return BorrowError(EPERM, f"thread {tid} belongs to the daemon itself; {cannot}")
+        return BorrowError(
+            EPERM, f"not permitted to ptrace thread {tid} (no CAP_SYS_PTRACE, or Yama/LSM policy); {cannot}"
         )
 
     async def _attached(self) -> int:
         try:
             try:
-                status = _proc_status(self.tid)
+                status = procfs.status(self.tid)
                 if status is None:
                     raise _Gone("exited", reaped=False)
                 self.tgid = int(status.get("Tgid", self.tid))
                 # The trap must be queued before T's syscall can complete:
                 # see step 2 of the module docstring.
                 self._pt(PTRACE_INTERRUPT)
-                self.replied = True
                 self.reply()
                 return await self._drive(trio.current_time() + self.timeout)
             except _Deadline:
                 return await self._abort(
                     ETIMEDOUT,
-                    f"thread {self.tid} did not complete the SMA fd hand-out within "
-                    f"{self.timeout:g} s ({self.phase.value})",
+                    f"thread {self.tid} did not get through its borrowed {self.call.name} within "
+                    f"{self.timeout:g} s ({self._phase()}); cannot {self.call.purpose}",
                 )
-        except (HandoutError, _Gone):
+        except (BorrowError, _Gone):
             raise
         except BaseException as exc:
             # Cancelled, a failing reply(), or a ptrace error we did not
@@ -512,24 +477,24 @@ class _Handout:
             err = ECANCELED if isinstance(exc, trio.Cancelled) else EIO
             with trio.CancelScope(shield=True):
                 try:
-                    await self._abort(err, f"the SMA fd hand-out to thread {self.tid} failed: {exc!r}")
-                except HandoutError as herr:
-                    log.debug("%s", herr)
+                    await self._abort(err, f"borrowing thread {self.tid} for {self.call.name} failed: {exc!r}")
+                except BorrowError as berr:
+                    log.debug("%s", berr)
                 except _Gone:
                     await self._reap()
                 except Exception:
                     log.exception("cleaning up thread %d failed", self.tid)
             if isinstance(exc, OSError):
-                raise self._error(EIO, f"ptrace hand-out to thread {self.tid} failed: {exc}") from exc
+                raise self._error(EIO, f"borrowing thread {self.tid} for {self.call.name} failed: {exc}") from exc
             raise
 
     async def _drive(self, deadline: float) -> int:
         while True:
             status = await self._wait(deadline)
             self.last_stop = self._classify(status)
-            fd = self._act(self.last_stop)
-            if fd is not None:
-                return fd
+            result = self._act(self.last_stop)
+            if result is not None:
+                return result
 
     def _classify(self, status: int) -> str:
         if status >> 8 == (signal.SIGTRAP | 0x80):
@@ -569,7 +534,7 @@ class _Handout:
                 raise self._error(
                     EINVAL,
                     f"thread {tid} was not in a system call when it stopped; "
-                    "it was left untouched and no SMA fd was handed out",
+                    f"it was left untouched, so cannot {self.call.purpose}",
                 )
             self.saved = regs
         saved = self.saved
@@ -579,7 +544,8 @@ class _Handout:
         if saved.cs != USER64_CS:
             self._refuse(
                 ENOEXEC,
-                f"thread {tid} runs 32-bit code (cs={saved.cs:#x}); the SMA fd can only be handed to 64-bit callers",
+                f"thread {tid} runs 32-bit code (cs={saved.cs:#x}); only 64-bit callers can be borrowed, "
+                f"so cannot {self.call.purpose}",
             )
         insn = self._mem(
             lambda: _read_mem(tid, saved.rip - len(SYSCALL_INSN), len(SYSCALL_INSN)),
@@ -589,8 +555,7 @@ class _Handout:
             self._refuse(
                 ENOEXEC,
                 f"thread {tid} entered its system call with the bytes {(insn or b'').hex(' ')} (int 0x80?) "
-                "rather than the 64-bit syscall instruction; cannot hand out the "
-                "SMA fd",
+                f"rather than the 64-bit syscall instruction; cannot {self.call.purpose}",
             )
         nr = _signed(saved.orig_rax)
         if self.expect_syscall is not None and nr != self.expect_syscall:
@@ -604,39 +569,41 @@ class _Handout:
             )
         self.saved_mask = self._sigmask(PTRACE_GETSIGMASK)
         self._sigmask(PTRACE_SETSIGMASK, ALL_SIGNALS)
-        string = self.path + b"\0"
-        addr = (saved.rsp - RED_ZONE - STACK_GAP - len(string)) & ~0xF
-        self.stack_saved = self._mem(lambda: _read_mem(tid, addr, len(string)), "read the stack")
-        self.stack_addr = addr
-        self._mem(lambda: _write_mem(tid, addr, string), "write the path to the stack")
+        stack = self.call.stack
+        if stack:
+            addr = (saved.rsp - RED_ZONE - STACK_GAP - len(stack)) & ~0xF
+            self.stack_saved = self._mem(lambda: _read_mem(tid, addr, len(stack)), "read the stack")
+            self.stack_addr = addr
+            self._mem(lambda: _write_mem(tid, addr, stack), f"write the {self.call.name} arguments to the stack")
         self._arm()
         self.phase = _Phase.ENTRY
         self._resume()
         return None
 
     def _arm(self) -> None:
-        """Point T at its syscall instruction again, set up as openat()."""
+        """Point T at its syscall instruction again, set up as the borrowed call."""
         assert self.saved is not None
         regs = UserRegs.from_buffer_copy(self.saved)
         regs.rip = self.saved.rip - len(SYSCALL_INSN)
-        regs.rax = NR_OPENAT
+        regs.rax = self.call.nr
         regs.orig_rax = _U64  # -1: no syscall to restart (step 7)
-        regs.rdi = AT_FDCWD & _U64
-        regs.rsi = self.stack_addr
-        regs.rdx = self.flags & _U64
-        regs.r10 = 0
+        args = [arg & _U64 if isinstance(arg, int) else self.stack_addr for arg in self.call.args]
+        args += [0] * (len(_ARG_REGS) - len(args))
+        for name, value in zip(_ARG_REGS, args, strict=True):
+            setattr(regs, name, value)
         self._setregs(regs)
 
     def _at_entry(self) -> int | None:
         regs = self._getregs()
         nr = _signed(regs.orig_rax)
-        if nr != NR_OPENAT:
+        if nr != self.call.nr:
             # Cannot happen unless our bookkeeping is wrong.  orig_rax = -1
             # makes the kernel skip whatever syscall this is.
             self._release(-EIO, skip_syscall=True)
             raise self._error(
                 EIO,
-                f"thread {self.tid} entered system call {nr} instead of the injected openat; it was released with EIO",
+                f"thread {self.tid} entered system call {nr} instead of the injected {self.call.name}; "
+                "it was released with EIO",
             )
         if self.abort_errno:
             self._release(-self.abort_errno, skip_syscall=True)
@@ -648,7 +615,7 @@ class _Handout:
     def _at_exit(self) -> int | None:
         result = _signed(self._getregs().rax)
         if result in RESTART_CODES:
-            # The open was interrupted (a group-stop, SIGSTOP, our own
+            # The call was interrupted (a group-stop, SIGSTOP, our own
             # INTERRUPT).  Unless we are giving up, run it again, as the
             # kernel would have for T's own call.
             if self.abort_errno:
@@ -660,10 +627,7 @@ class _Handout:
             return None
         self._release(result)
         if result < 0:
-            raise self._error(
-                -result,
-                f"thread {self.tid} could not open {os.fsdecode(self.path)!r}: {os.strerror(-result)}",
-            )
+            raise self._error(-result, f"thread {self.tid} could not {self.call.what}: {os.strerror(-result)}")
         return result
 
     def _refuse(self, err: int, message: str) -> NoReturn:
@@ -737,10 +701,10 @@ class _Handout:
         if self.stopped:
             # Something failed while T was stopped: act on that stop again,
             # now in abort mode.
-            fd = self._act(self.last_stop)
-            if fd is not None:
-                return fd
-        # Kicks T out of an interruptible sleep (our openat on a FIFO, a wait
+            result = self._act(self.last_stop)
+            if result is not None:
+                return result
+        # Kicks T out of an interruptible sleep (an openat of a FIFO, a wait
         # for a signal); a killable one (FUSE after its interrupt) only ends
         # when its request is answered.
         self._pt(PTRACE_INTERRUPT)
@@ -768,8 +732,8 @@ class _Handout:
 
     async def _watch(self) -> None:
         try:
-            fd = await self._drive(math.inf)
-        except HandoutError as err:
+            result = await self._drive(math.inf)
+        except BorrowError as err:
             log.warning("released thread %d late: %s", self.tid, err)
         except _Gone as gone:
             if not gone.reaped:
@@ -782,9 +746,10 @@ class _Handout:
             log.exception("releasing thread %d failed", self.tid)
         else:
             log.warning(
-                "thread %d received fd %d after its SMA fd hand-out had been reported as failed",
+                "thread %d got %d from its borrowed %s after that had been reported as failed",
                 self.tid,
-                fd,
+                result,
+                self.call.name,
             )
 
     async def _reap(self) -> str | None:
@@ -809,33 +774,35 @@ class _Handout:
         return None
 
 
-async def inject_open(
+async def borrow(
     tid: int,
-    path: bytes,
-    flags: int,
+    call: Syscall,
     reply: Callable[[], None],
     *,
     expect_syscall: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     grace: float = DEFAULT_GRACE,
 ) -> int:
-    """Make thread `tid`, blocked in a syscall, return from it with a new fd.
+    """Make thread `tid`, blocked in a syscall, run `call` and return from its syscall with that result.
 
     The thread T must be blocked in the syscall the daemon is about to answer
     (the CUSE ioctl), entered with the 64-bit `syscall` instruction.  T is
     seized and interrupted, then `reply()` is called exactly once to complete
     that syscall; its result is a placeholder, because whenever T is still
     alive afterwards, this function sets the syscall's final result itself:
-    the new fd on success, -errno on failure.  T then opens `path` (with
-    `flags`, relative to T's cwd, no mode: O_CREAT/O_TMPFILE are refused) in
-    its own process, and its syscall returns that fd.
+    the call's result on success, -errno on failure.  T then makes `call`
+    as its own (for openat: opens the path relative to its cwd, in its own
+    process), and its syscall returns that result.
 
-    Returns the new fd (>= 0) as seen by T.  Raises HandoutError, whose
-    .errno is the errno the ioctl fails with and whose .replied says whether
-    reply() was called (if not, the daemon must answer the ioctl itself):
+    Returns the call's result (>= 0) as seen by T.  Raises BorrowError, whose
+    .errno is the errno the ioctl fails with.  Whether reply() was called is
+    the one fact that says whether the caller must still answer the ioctl:
+    if it was not (EBUSY, EPERM; ESRCH, EIO or ENOSYS before T was
+    interrupted), nothing was done to T; once it was, T's result is ours to
+    set and has been set.
 
-      EBUSY      T is already traced (a debugger, or an unfinished hand-out
-                 of ours); not replied.
+      EBUSY      T is already traced (a debugger, or an unfinished borrowed
+                 call of ours); not replied.
       ESRCH      T does not exist, or died at any point; it has been reaped
                  and no ptrace attachment remains.
       EPERM      not allowed to ptrace T; not replied.
@@ -847,9 +814,9 @@ async def inject_open(
                  `syscall` instruction (int 0x80, a 32-bit task): we would
                  have to re-execute that instruction.
       EFAULT     T's stack below the red zone is not writable.
-      errno of openat() in T, e.g. ENOENT, EACCES, EMFILE: T's registers,
-                 stack and signal mask are restored and its syscall fails
-                 with that errno.
+      errno of the call in T, e.g. for openat ENOENT, EACCES, EMFILE: T's
+                 registers, stack and signal mask are restored and its
+                 syscall fails with that errno.
       ETIMEDOUT  T did not get through within `timeout` seconds.  It gets a
                  further `grace` seconds to reach a stop where it can be
                  released (failing with ETIMEDOUT); if even that fails it is
@@ -862,12 +829,20 @@ async def inject_open(
     """
     if tid <= 0:
         raise ValueError(f"bad thread id {tid}")
-    if not path or b"\0" in path or len(path) >= PATH_MAX:
-        raise ValueError(f"bad path {path!r}")
-    if flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE:
-        raise ValueError("O_CREAT and O_TMPFILE need a mode, which we do not pass")
+    if len(call.stack) > STACK_MAX:
+        raise ValueError(f"{call.name}: {len(call.stack)} bytes for the stack, at most {STACK_MAX}")
     if timeout <= 0 or grace <= 0:
         raise ValueError("timeout and grace must be positive")
     if os.uname().machine != "x86_64":
-        raise HandoutError(ENOSYS, "SMA fd hand-out is only implemented for x86_64")
-    return await _Handout(tid, path, flags, reply, expect_syscall, timeout, grace).run()
+        raise BorrowError(ENOSYS, f"borrowing a thread is only implemented for x86_64; cannot {call.purpose}")
+    return await _Borrow(tid, call, reply, expect_syscall, timeout, grace).run()
+
+
+async def borrow_from_ioctl(tid: int, call: Syscall, reply: Callable[[], None]) -> int:
+    """:func:`borrow` as the daemon uses it: only ever hijack the return of T's ioctl.
+
+    The caller is held in its ioctl until we reply, so that is the syscall it
+    returns from; checking it costs nothing and guards against ever taking
+    over some other syscall of the thread.  (A :class:`~cuse_ksm.host.syscall.Borrower`.)
+    """
+    return await borrow(tid, call, reply, expect_syscall=NR_IOCTL)

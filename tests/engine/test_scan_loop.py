@@ -96,7 +96,7 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch: pyt
     monkeypatch.setattr(kksmd, "YIELD_SECONDS", 0.0)
     engine, _ = engine_with(64 * 256)
     device = KsmDevice(engine, lambda tid: FakeSpace(tid))
-    fh = device.open(1).fh
+    fh = device.open().fh
     answered = 0
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
