@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from cuse_ksm import __version__, controltree, kksmd, status
+from cuse_ksm import __version__, controltree, kksmd, status, trace
 from cuse_ksm.daemon import NoCuseError, Server, open_cuse_channel
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="cuse-ksm: %(levelname)s: %(message)s")
     if args.trace:
         # Its own level: --trace shows even with --log-level warning.
-        logging.getLogger("cuse_ksm.trace").setLevel(logging.INFO)
+        trace.log.setLevel(logging.INFO)
     rc = 0
     # except*: the daemon's tasks run in nurseries, which raise what fails in
     # them inside an ExceptionGroup; a bare exception matches too.

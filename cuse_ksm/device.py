@@ -106,7 +106,7 @@ class HandOut:
 
 Outcome = Done | HandOut | Fetch
 
-# Positive results returned by the seed's code where a negative errno was meant.
+# Positive results returned by the 2009 driver's code where a negative errno was meant.
 QUIRK_START_RUN_WITHOUT_PAGES = errno.EPERM  # +1
 QUIRK_SMA_UNKNOWN_COMMAND = errno.EINVAL  # +22
 
@@ -178,7 +178,7 @@ class KsmDevice:
         if cmd == abi.KSM_START_STOP_KTHREAD:
             info = abi.KthreadInfo.unpack(data[: abi.STRUCT_SIZE])
             if info.running and info.pages_to_scan == 0:
-                # The seed sets r = EPERM without the minus and changes nothing.
+                # The 2009 driver sets r = EPERM without the minus and changes nothing.
                 return Done(QUIRK_START_RUN_WITHOUT_PAGES)
             self.engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
             return _SUCCESS

@@ -27,6 +27,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -95,6 +96,11 @@ def mount_dir() -> Iterator[str]:
 def is_mounted(path: str) -> bool:
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == path for line in f)
+
+
+def python(*argv: str) -> subprocess.CompletedProcess[str]:
+    """This interpreter with ``argv``, from the repository root (so ``-m cuse_ksm`` is this tree's), output as text."""
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
 async def run(*argv: str, user: int | None = None) -> subprocess.CompletedProcess[str]:

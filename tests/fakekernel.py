@@ -64,7 +64,8 @@ class FakeKernel:
     async def open(self, pid: int = 1000) -> int:
         error, payload = await self.call(p.Opcode.OPEN, struct.pack("<II", 2, 0), pid=pid)
         assert error == 0
-        return struct.unpack_from("<Q", payload)[0]
+        fh: int = p.OPEN_OUT.unpack_from(payload)[0]
+        return fh
 
     async def release(self, fh: int, pid: int = 1000) -> None:
         error, _ = await self.call(p.Opcode.RELEASE, struct.pack("<QIIQ", fh, 2, 0, 0), pid=pid)

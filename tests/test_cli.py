@@ -1,16 +1,12 @@
 """The command line, where no CUSE is needed."""
 
-import subprocess
-import sys
-
 from cuse_ksm.cli import build_parser
+from tests.conftest import python
 
 
 def test_no_cuse_is_one_clear_error(tmp_path):
     missing = tmp_path / "cuse"
-    result = subprocess.run(
-        [sys.executable, "-m", "cuse_ksm", "--cuse", str(missing)], capture_output=True, text=True, timeout=60
-    )
+    result = python("-m", "cuse_ksm", "--cuse", str(missing))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -19,7 +15,7 @@ def test_no_cuse_is_one_clear_error(tmp_path):
 
 def test_bad_options_are_refused():
     for argv, message in [(["--mode", "999"], "octal"), (["--group", "no-such-group-here"], "no group")]:
-        result = subprocess.run([sys.executable, "-m", "cuse_ksm", *argv], capture_output=True, text=True, timeout=60)
+        result = python("-m", "cuse_ksm", *argv)
         assert result.returncode == 2 and message in result.stderr
 
 
@@ -35,9 +31,7 @@ def test_control_files_and_trace_options():
     assert p.parse_args(["--stats-dir", "/tmp/x"]).stats_dir == "/tmp/x"
     assert p.parse_args(["--no-stats-dir"]).stats_dir == ""
     assert p.parse_args(["--trace", "--log-level", "warning"]).trace is True
-    result = subprocess.run(
-        [sys.executable, "-m", "cuse_ksm", "--stats-dir", "/a", "--no-stats-dir"], capture_output=True, text=True
-    )
+    result = python("-m", "cuse_ksm", "--stats-dir", "/a", "--no-stats-dir")
     assert result.returncode == 2 and "not allowed with" in result.stderr
 
 

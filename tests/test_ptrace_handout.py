@@ -344,12 +344,12 @@ class Child:
                     self.pending.remove(words)
                     return words
             try:
-                words = self.lines.get_nowait()
+                line = self.lines.get_nowait()
             except queue.Empty:
                 return None
-            if words is None:
+            if line is None:
                 raise AssertionError(f"child exited (rc {self.proc.poll()})")
-            self.pending.append(words)
+            self.pending.append(line)
 
     async def line(self, kind: str, idx: int, timeout: float = 5.0) -> list[str]:
         with trio.move_on_after(timeout):

@@ -53,8 +53,10 @@ class Harness:
                 await trio.sleep(0.001)
 
 
-@pytest.fixture
-async def h(nursery):
+# Named apart from the tests' own `h = Harness(...)`: with a module-level `h`,
+# mypy takes the `h` in a borrower defined before that assignment for the fixture.
+@pytest.fixture(name="h")
+async def started_harness(nursery) -> Harness:
     harness = Harness()
     await harness.start(nursery)
     return harness

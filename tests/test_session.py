@@ -56,7 +56,7 @@ def open_fh(session: CuseSession, pid: int = TID) -> int:
     unique = next(_uniques)
     reply = session.receive(p.Open(unique, pid, os.O_RDWR))
     assert isinstance(reply, bytes)
-    (fh, _flags, _pad) = p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)
+    fh: int = p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
     assert reply == p.reply_open(unique, fh) and fh in session.device.files
     return fh
 

@@ -11,7 +11,7 @@ import trio
 
 from cuse_ksm import controlfs, kksmd, status
 from cuse_ksm.engine import Engine
-from tests.conftest import ROOT, mount_dir, needs_fuse, run
+from tests.conftest import mount_dir, needs_fuse, python, run
 from tests.engine.fakes import FakeSpace, page
 
 VALUES = {
@@ -89,13 +89,7 @@ def test_errors_are_one_clear_line(tmp_path: Path) -> None:
         (tmp_path / "missing", "no control files at"),
         (tmp_path, "not a cuse-ksm control directory"),
     ]:
-        result = subprocess.run(
-            [sys.executable, "-m", "cuse_ksm", "status", "--dir", str(directory)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = python("-m", "cuse_ksm", "status", "--dir", str(directory))
         assert result.returncode == 1
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
@@ -109,20 +103,12 @@ WITHOUT_PYFUSE3 = (
 
 
 def without_pyfuse3(*argv: str) -> subprocess.CompletedProcess[str]:
-    argv = (sys.executable, "-c", WITHOUT_PYFUSE3, *argv)
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    return python("-c", WITHOUT_PYFUSE3, *argv)
 
 
 def test_status_and_help_run_without_pyfuse3(tmp_path: Path) -> None:
     # The wrapper does take pyfuse3 away: the FUSE adapter cannot be imported.
-    blocked = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['pyfuse3'] = None; import cuse_ksm.controlfs"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    blocked = python("-c", "import sys; sys.modules['pyfuse3'] = None; import cuse_ksm.controlfs")
     assert blocked.returncode == 1 and "ModuleNotFoundError: import of pyfuse3 halted" in blocked.stderr
     directory = str(fake_dir(tmp_path))
     result = without_pyfuse3("status", "--dir", directory)

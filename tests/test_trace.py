@@ -14,7 +14,7 @@ from cuse_ksm import protocol as p
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
-from cuse_ksm.session import Borrow, CuseSession
+from cuse_ksm.session import Borrow, CuseSession, Output
 
 ARG = 0x7FFF0000
 
@@ -34,9 +34,10 @@ class Caller:
     def open(self) -> int:
         reply = self.session.receive(self._send(p.Open(0, self.pid, os.O_RDWR)))
         assert isinstance(reply, bytes)
-        return p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
+        fh: int = p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
+        return fh
 
-    def ioctl(self, fh: int, cmd: int, arg: int = ARG, data: bytes = b"", is_32bit: bool = False) -> object:
+    def ioctl(self, fh: int, cmd: int, arg: int = ARG, data: bytes = b"", is_32bit: bool = False) -> Output:
         """Returns the session's output for the call that completes it."""
         in_data, out_size = b"", 0
         while True:
@@ -48,6 +49,14 @@ class Caller:
                 return out
             assert (in_data, out_size) == (b"", 0), "asked to retry twice"
             in_data, out_size = data[: abi.STRUCT_SIZE * n_in], abi.STRUCT_SIZE * n_out
+
+    def create(self, fh: int) -> Borrow:
+        """CREATE_SHARED_MEMORY_AREA: its one output is the hand-out's borrow, for the test to end."""
+        out = self.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+        assert isinstance(out, tuple) and len(out) == 1, out
+        (borrow,) = out
+        assert isinstance(borrow, Borrow), borrow
+        return borrow
 
 
 @pytest.fixture
@@ -98,7 +107,7 @@ def test_device_calls_are_decoded(traced, caplog):
 def test_sma_calls_name_the_sma(traced, caplog):
     pid = os.getpid()  # REGISTER records the caller's memory: this process stands in for it
     c = Caller(traced, pid)
-    (borrow,) = c.ioctl(c.open(), abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    borrow = c.create(c.open())
     traced.complete_ioctl(borrow)
     fh = c.open()
     traced.borrowed(borrow, 9)
@@ -124,14 +133,14 @@ def test_sma_calls_name_the_sma(traced, caplog):
 def test_hand_outs_and_32bit(traced, caplog):
     c = Caller(traced, 55)
     fh = c.open()
-    (ok,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
-    assert isinstance(ok, Borrow) and trace_lines(caplog) == []  # traced when it ends
+    ok = c.create(fh)
+    assert trace_lines(caplog) == []  # traced when it ends
     traced.complete_ioctl(ok)
     c.open()
     traced.borrowed(ok, 7)
-    (refused,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    refused = c.create(fh)
     traced.borrow_failed(refused, errno.EBUSY, "already traced")
-    (stopped,) = c.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, arg=0)
+    stopped = c.create(fh)
     traced.borrow_cancelled(stopped)
     c.ioctl(fh, abi.KSM_GET_API_VERSION, is_32bit=True)
     lines = trace_lines(caplog)
@@ -154,6 +163,6 @@ def test_off_by_default_and_silent(caplog):
     session.receive(p.CuseInit(1, 0, 7, 31, 0))
     c = Caller(session, 1000)
     c.ioctl(c.open(), abi.KSM_GET_API_VERSION)
-    (borrow,) = c.ioctl(c.open(), abi.KSM_CREATE_SHARED_MEMORY_AREA)
+    borrow = c.create(c.open())
     session.borrow_failed(borrow, errno.EBUSY, "already traced")
     assert trace_lines(caplog) == []

@@ -85,7 +85,7 @@ class Engine:
         return self.registry.new_sma()
 
     def register(self, sma: Sma, space: AddressSpace, addr: int, npages: int) -> Slot:
-        """Record a slot; the 2009 driver validates neither addr nor npages, nor do we."""
+        """REGISTER: record the slot (:meth:`Registry.add`), number it for the scanner, wake its driver."""
         slot = self.registry.add(sma, space, addr, npages)
         self.scanner.number(slot)
         self._changed(False)

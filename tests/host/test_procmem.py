@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from contextlib import closing
 
 import pytest
 
@@ -37,8 +38,7 @@ def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child
     child = spawn(children, 64)
     child.fill(0, 8, 0x11)
     child.fill(20, 4, 0x22)
-    space = ProcessMemory.open(child.pid)
-    try:
+    with closing(ProcessMemory.open(child.pid)) as space:
         buf = mmap.mmap(-1, 64 * PAGE_SIZE)
         present = space.read_pages(child.addr, 64, buf)
         assert present == bytes([1] * 8 + [0] * 12 + [1] * 4 + [0] * 40)
@@ -48,8 +48,6 @@ def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child
         assert space.present(child.addr, 64) == present
         assert space.read_page(child.page_addr(21)) == b"\x22" * PAGE_SIZE
         assert space.read_page(child.page_addr(30)) is None
-    finally:
-        space.close()
 
 
 def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: list[Child]) -> None:
@@ -73,15 +71,12 @@ def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: li
 def test_unmapped_range_reads_as_not_present(children: list[Child]) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x33)
-    space = ProcessMemory.open(child.pid)
-    try:
+    with closing(ProcessMemory.open(child.pid)) as space:
         child.unmap(4, 4)
         buf = mmap.mmap(-1, 16 * PAGE_SIZE)
         assert space.read_pages(child.addr, 16, buf) == bytes([1] * 4 + [0] * 4 + [1] * 8)
         # Far beyond the user address space: nothing there, and no error.
         assert space.read_pages(0xFFFF_FFFF_F000, 4, buf) == bytes(4)
-    finally:
-        space.close()
 
 
 def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[Child]) -> None:
@@ -89,8 +84,7 @@ def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[C
     child.fill(0, 16, 0x44)
     child.protect(3, 1)
     child.protect(9, 2)
-    space = ProcessMemory.open(child.pid)
-    try:
+    with closing(ProcessMemory.open(child.pid)) as space:
         buf = mmap.mmap(-1, 16 * PAGE_SIZE)
         present = space.read_pages(child.addr, 16, buf)
         assert present == bytes([1, 1, 1, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1])
@@ -99,15 +93,12 @@ def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[C
                 assert buf[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] == b"\x44" * PAGE_SIZE
         child.protect(0, 16)
         assert space.read_pages(child.addr, 16, buf) == bytes(16)
-    finally:
-        space.close()
 
 
 def test_exit_makes_the_space_gone(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
-    space = ProcessMemory.open(child.pid)
-    try:
+    with closing(ProcessMemory.open(child.pid)) as space:
         assert space.alive()
         child.exit()
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
@@ -115,21 +106,16 @@ def test_exit_makes_the_space_gone(children: list[Child]) -> None:
         assert not space.alive()
         # The pinned pagemap fd returns nothing once the mm is gone.
         assert os.pread(space.pagemap_fd, 8, 0) == b""
-    finally:
-        space.close()
 
 
 def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child]) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
-    space = ProcessMemory.open(child.pid)
-    try:
+    with closing(ProcessMemory.open(child.pid)) as space:
         child.exec_sleep()
         assert not pidfd_exited(space.pidfd)  # same process, same pid ...
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
         assert space.read_pages(child.addr, 4, buf) is None  # ... but not the memory we pinned
-    finally:
-        space.close()
 
 
 def register(engine: Engine, child: Child, npages: int, first: int = 0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -103,6 +104,17 @@ def start_daemon(name: str, *options: str) -> subprocess.Popen[str]:
             pytest.fail(f"/dev/{name} did not appear: {proc.communicate()[1]}")
         time.sleep(0.05)
     return proc
+
+
+def stop_daemon(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
+    """Send a daemon of :func:`start_daemon` ``signum`` and wait for it to exit; returns its stderr.
+
+    A clean stop is exit status 0 (``proc.returncode``), which the caller
+    asserts, with the stderr returned here to show when it is not.
+    """
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=15)
+    return err
 
 
 # -- the daemon's resources, before and after ---------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pyksm import Ksm
 
-from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c, start_daemon
+from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c, start_daemon, stop_daemon
 
 STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))
 NPAGES = 64
@@ -196,12 +196,6 @@ def test_writes_steer_the_scanner_the_ioctl_sees(kthread_restored):
         assert (info.sleep, info.pages_to_scan, info.flags) == (700, 0, 1)
 
 
-def stop(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=15)
-    return err
-
-
 def is_mounted(path: str) -> bool:
     return any(line.split()[1] == path for line in Path("/proc/mounts").read_text().splitlines())
 
@@ -219,7 +213,7 @@ def test_second_daemon_mounts_its_own_dir_traces_and_unmounts():
             with ksm.create_sma() as sma:
                 sma_fd = sma.fd
     finally:
-        err = stop(proc)
+        err = stop_daemon(proc)
     assert proc.returncode == 0, err
     assert not is_mounted(stats), "the control files outlived the daemon"
     me = os.getpid()
@@ -240,7 +234,7 @@ def test_a_killed_daemons_stale_mount_is_cleared_on_restart():
     stats = f"/run/cuse-ksm/{name}"
     proc = start_daemon(name)
     wait_until(lambda: is_mounted(stats), 10, f"{stats} mounted")
-    stop(proc, signal.SIGKILL)
+    stop_daemon(proc, signal.SIGKILL)
     with pytest.raises(OSError) as e:
         os.stat(stats)
     assert e.value.errno == errno.ENOTCONN
@@ -250,6 +244,6 @@ def test_a_killed_daemons_stale_mount_is_cleared_on_restart():
         wait_until(lambda: os.path.exists(f"{stats}/pages_shared"), 10, "the new mount")
         assert value("pages_shared", Path(stats)) == 0
     finally:
-        err = stop(proc)
+        err = stop_daemon(proc)
     assert "stale mount" in err
     assert not is_mounted(stats)

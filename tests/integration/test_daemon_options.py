@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import start_daemon
+from tests.integration.conftest import start_daemon, stop_daemon
 
 
 def wait_for_access(path: str, mode: int, gid: int) -> os.stat_result:
@@ -26,14 +26,13 @@ def test_node_mode_group_and_clean_exit(signum):
     assert stat.S_ISCHR(st.st_mode)
     assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o640, 4242)
     fd = os.open(f"/dev/{name}", os.O_RDWR)  # a client holding the device open does not delay the exit
-    proc.send_signal(signum)
     try:
-        assert proc.wait(timeout=10) == 0
+        err = stop_daemon(proc, signum)
     finally:
         os.close(fd)
+    assert proc.returncode == 0, err
     assert not os.path.exists(f"/dev/{name}")
-    assert proc.stderr is not None
-    assert "shutting down" in proc.stderr.read()
+    assert "shutting down" in err
 
 
 def test_default_node_is_root_only():
@@ -42,5 +41,5 @@ def test_default_node_is_root_only():
         st = os.stat("/dev/ksmdefault")
         assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
+        err = stop_daemon(proc)
+        assert proc.returncode == 0, err

@@ -13,13 +13,20 @@ import ctypes
 import errno
 import os
 import shutil
-import signal
 import subprocess
 import threading
 
 import pyksm
 
-from tests.integration.conftest import DEVICE, ROBUST_BIN, SECOND_DAEMON, build_robust, start_daemon, status_field
+from tests.integration.conftest import (
+    DEVICE,
+    ROBUST_BIN,
+    SECOND_DAEMON,
+    build_robust,
+    start_daemon,
+    status_field,
+    stop_daemon,
+)
 
 NOBODY = 65534
 
@@ -64,10 +71,8 @@ def test_mode_0666_lets_any_user_register_its_own_memory():
         assert lines[2].startswith("ok "), lines  # its SMA fd, handed out by ptrace
         assert lines[3].startswith("ok "), lines  # REGISTER of its own pages
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert proc.stderr is not None
-        proc.stderr.close()
+        err = stop_daemon(proc)
+        assert proc.returncode == 0, err
 
 
 def test_handout_touches_only_the_calling_thread(daemon_pid):

@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     settle_to,
     start_daemon,
     status_field,
+    stop_daemon,
 )
 
 STATS = Path("/run/cuse-ksm/ksm")
@@ -212,10 +213,8 @@ def test_daemon_stopped_under_its_clients_and_started_again():
     for c in clients:
         assert c("sma").startswith("ok ")
         assert c("reg 8 0x65").startswith("ok ")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
-    assert proc.stderr is not None
-    proc.stderr.close()
+    err = stop_daemon(proc)
+    assert proc.returncode == 0, err
     # Clients holding fds get an error at once: no hang (Client.readline fails on a hang).
     for c in clients:
         assert c("api").startswith("err "), "an ioctl on a dead daemon's device succeeded"
@@ -234,7 +233,5 @@ def test_daemon_stopped_under_its_clients_and_started_again():
     finally:
         for c in clients:
             c.kill()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert proc.stderr is not None
-        proc.stderr.close()
+        err = stop_daemon(proc)
+        assert proc.returncode == 0, err
