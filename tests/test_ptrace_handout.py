@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cuse_ksm.host.ptrace import DEFAULT_GRACE, DEFAULT_TIMEOUT, WALL, borrow
+from cuse_ksm.host.ptrace import DEFAULT_GRACE, DEFAULT_TIMEOUT, WALL, borrow, borrow_from_ioctl
 from cuse_ksm.host.syscall import BorrowError, Syscall, openat
 
 pytestmark = pytest.mark.skipif(
@@ -621,6 +621,17 @@ async def test_no_such_thread() -> None:
     with pytest.raises(BorrowError) as info:
         await borrow_open(pid_max + 1, b"/dev/null", os.O_RDWR, lambda: calls.append(1))
     assert info.value.errno == errno.ESRCH
+    assert calls == []
+
+
+@pytest.mark.trio
+async def test_a_caller_outside_our_pid_namespace_gets_eperm() -> None:
+    # The kernel writes pid 0 into a request whose caller our namespace cannot see.
+    calls: list[int] = []
+    with pytest.raises(BorrowError) as info:
+        await borrow_from_ioctl(0, openat(b"/dev/null", os.O_RDWR, purpose="test"), lambda: calls.append(1))
+    assert info.value.errno == errno.EPERM
+    assert "outside the daemon's pid namespace" in str(info.value)
     assert calls == []
 
 

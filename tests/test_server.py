@@ -195,6 +195,20 @@ async def test_a_failed_hand_out_is_answered_once(nursery, when):
     assert unique not in h.kernel.replies  # no second answer came
 
 
+async def test_a_borrower_that_breaks_fails_the_ioctl_with_eio_and_the_daemon_serves_on(nursery, caplog):
+    async def broken_borrower(tid, call, reply):
+        raise RuntimeError("a bug in the borrower")
+
+    h = Harness(broken_borrower)
+    await h.start(nursery)
+    fh = await h.kernel.open()
+    assert await h.kernel.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA) == (-errno.EIO, b"")
+    await h.handouts_done()
+    assert h.engine.smas == {}
+    assert await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION) == (1, b"")
+    assert "failed unexpectedly" in caplog.text and "a bug in the borrower" in caplog.text
+
+
 async def test_stopping_during_a_hand_out_fails_the_ioctl_with_eintr():
     started = trio.Event()
 

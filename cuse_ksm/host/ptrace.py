@@ -787,7 +787,8 @@ async def borrow(
 
     The thread T must be blocked in the syscall the daemon is about to answer
     (the CUSE ioctl), entered with the 64-bit `syscall` instruction.  T is
-    seized and interrupted, then `reply()` is called exactly once to complete
+    seized and interrupted, then `reply()` is called (at most once, and not
+    at all when the borrow fails before T is interrupted: see below) to complete
     that syscall; its result is a placeholder, because whenever T is still
     alive afterwards, this function sets the syscall's final result itself:
     the call's result on success, -errno on failure.  T then makes `call`
@@ -844,5 +845,14 @@ async def borrow_from_ioctl(tid: int, call: Syscall, reply: Callable[[], None]) 
     The caller is held in its ioctl until we reply, so that is the syscall it
     returns from; checking it costs nothing and guards against ever taking
     over some other syscall of the thread.  (A :class:`~cuse_ksm.host.syscall.Borrower`.)
+
+    ``tid`` comes from the request, where the kernel writes 0 for a caller
+    that is not visible in the daemon's pid namespace (a daemon in a
+    container, a caller on the host): such a thread cannot be traced, so it
+    gets EPERM, as any thread we may not trace does.
     """
+    if tid <= 0:
+        raise BorrowError(
+            EPERM, f"the caller is outside the daemon's pid namespace (thread id {tid}); cannot {call.purpose}"
+        )
     return await borrow(tid, call, reply, expect_syscall=NR_IOCTL)
