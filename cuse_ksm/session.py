@@ -125,7 +125,7 @@ class CuseSession:
             outcome = self.device.ioctl(req.fh, req.cmd, req.pid, req.in_data, req.out_size, req.is_32bit)
             if isinstance(outcome, Done):
                 if self.tracing:
-                    trace.ioctl(req, self.device.files.get(req.fh), self.devpath, outcome.result, outcome.out, started)
+                    self._trace(req, outcome.result, outcome.out, started)
                 return protocol.reply_ioctl(req.unique, outcome.result, outcome.out)
             if isinstance(outcome, Fetch):
                 # Unrestricted ioctl: the first call carries no data.  Name the
@@ -178,6 +178,10 @@ class CuseSession:
         log.debug("tid %d opened SMA %d as fh %d", tid, borrow.sma.id, file.fh)
         return file
 
+    def _trace(self, req: protocol.Ioctl, result: int, out: bytes, started: float, *, sma_id: int = 0) -> None:
+        """The --trace line of a completed ioctl, naming its file as the daemon knows it."""
+        trace.ioctl(req, self.device.files.get(req.fh), self.devpath, result, out, started, sma_id=sma_id)
+
     # -- the hand-out ------------------------------------------------------------
 
     def _hand_out(self, req: protocol.Ioctl, outcome: HandOut) -> Borrow:
@@ -201,8 +205,7 @@ class CuseSession:
         ms = (time.perf_counter() - borrow.started) * 1e3
         log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", borrow.sma.id, req.pid, result, ms)
         if self.tracing:
-            file = self.device.files.get(req.fh)
-            trace.ioctl(req, file, self.devpath, result, b"", borrow.started, sma_id=borrow.sma.id)
+            self._trace(req, result, b"", borrow.started, sma_id=borrow.sma.id)
 
     def borrow_failed(self, borrow: Borrow, err: int, why: str) -> bytes | None:
         """The borrower failed with ``err`` (positive) for the reason ``why``: the SMA ends.
@@ -220,7 +223,7 @@ class CuseSession:
         self._end(borrow)
         req = borrow.request
         if self.tracing:
-            trace.ioctl(req, self.device.files.get(req.fh), self.devpath, -err, b"", borrow.started)
+            self._trace(req, -err, b"", borrow.started)
         if why is not None:
             name = errno.errorcode.get(err, str(err))
             # A caller killed mid-call is its own business; anything else is ours to explain.
