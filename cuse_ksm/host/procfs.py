@@ -1,23 +1,32 @@
-"""``/proc/<tid>/status``, read in one place.
+"""``/proc/<pid>/...``, read in one place.
 
-Both OS adapters need facts the kernel publishes there about a thread: the
+The OS adapters need facts the kernel publishes there about a thread: the
 memory reader its thread group (``Tgid``), the syscall borrower also its
-state and tracer.  The file is ``Key:<tab>value`` lines; values keep their
-own spacing, only the padding around them is dropped.
+state and tracer, the host KSM adapter what KSM made of a process.  Each
+of them must tell "the process is gone" from a real error, the same way.
+``status`` is ``Key:<tab>value`` lines; values keep their own spacing, only
+the padding around them is dropped.
 """
 
 from __future__ import annotations
 
 
-def status(tid: int) -> dict[str, str] | None:
-    """Fields of /proc/<tid>/status, or None when the thread is gone."""
+def read(tid: int, name: str) -> str | None:
+    """The text of /proc/<tid>/<name>, or None when the thread is gone (or the kernel has no such file)."""
     try:
-        with open(f"/proc/{tid}/status", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
+        with open(f"/proc/{tid}/{name}", encoding="utf-8", errors="replace") as f:
+            return f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
+
+
+def status(tid: int) -> dict[str, str] | None:
+    """Fields of /proc/<tid>/status, or None when the thread is gone."""
+    text = read(tid, "status")
+    if text is None:
+        return None
     fields = {}
-    for line in lines:
+    for line in text.splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
