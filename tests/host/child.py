@@ -2,7 +2,7 @@
 
 Usage: ``Child.start(npages)`` maps ``npages`` anonymous pages, touches none
 of them, and reports the mapping's address.  Commands then fill, write,
-unmap pages, exec or exit.
+unmap pages, madvise them, map more, exec or exit.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ m = mmap.mmap(-1, npages * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
 libc = ctypes.CDLL(None, use_errno=True)
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+shared = []  # the mappings of "share", kept alive
 out = sys.stdout
 out.write(f"{addr}\n"); out.flush()
 for line in sys.stdin:
     cmd, *args = line.split()
+    answer = "ok"
     if cmd == "fill":  # fill FIRST COUNT BYTE: pages filled with BYTE
         first, count, byte = (int(a) for a in args)
         m[first * 4096:(first + count) * 4096] = bytes([byte]) * (count * 4096)
@@ -41,11 +43,19 @@ for line in sys.stdin:
     elif cmd == "protect":  # protect FIRST COUNT: PROT_NONE (still present, but unreadable)
         first, count = (int(a) for a in args)
         assert libc.mprotect(ctypes.c_void_p(addr + first * 4096), count * 4096, 0) == 0
+    elif cmd == "merge":  # merge FIRST COUNT: madvise(MADV_MERGEABLE)
+        first, count = (int(a) for a in args)
+        m.madvise(mmap.MADV_MERGEABLE, first * 4096, count * 4096)
+    elif cmd == "share":  # share NPAGES: a MAP_SHARED mapping, madvised MERGEABLE; answers its address
+        s = mmap.mmap(-1, int(args[0]) * 4096, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        s.madvise(mmap.MADV_MERGEABLE)
+        shared.append(s)
+        answer = f"ok {ctypes.addressof(ctypes.c_char.from_buffer(s))}"
     elif cmd == "exec":
         os.execv("/bin/sleep", ["sleep", "60"])
     elif cmd == "exit":
         os._exit(0)
-    out.write("ok\n"); out.flush()
+    out.write(answer + "\n"); out.flush()
 """
 
 
@@ -72,11 +82,14 @@ class Child:
     def page_addr(self, index: int) -> int:
         return self.addr + index * PAGE_SIZE
 
-    def _cmd(self, line: str) -> None:
+    def _cmd(self, line: str) -> str:
+        """Run one command; what the child answered after its "ok"."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        assert self.proc.stdout.readline() == "ok\n"
+        ok, _, answer = self.proc.stdout.readline().rstrip("\n").partition(" ")
+        assert ok == "ok"
+        return answer
 
     def fill(self, first: int, count: int, byte: int) -> None:
         self._cmd(f"fill {first} {count} {byte}")
@@ -93,6 +106,14 @@ class Child:
 
     def protect(self, first: int, count: int) -> None:
         self._cmd(f"protect {first} {count}")
+
+    def merge(self, first: int, count: int) -> None:
+        """madvise(MADV_MERGEABLE) pages of the mapping."""
+        self._cmd(f"merge {first} {count}")
+
+    def share(self, npages: int) -> int:
+        """Map ``npages`` more, MAP_SHARED, madvised MERGEABLE (which the kernel accepts and ignores); their address."""
+        return int(self._cmd(f"share {npages}"))
 
     def exec_sleep(self) -> None:
         assert self.proc.stdin is not None
