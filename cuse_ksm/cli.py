@@ -21,11 +21,11 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from cuse_ksm import __version__, controltree, kksmd, status, trace
+from cuse_ksm import __version__, abi, controltree, kksmd, status, trace
 from cuse_ksm.daemon import NoCuseError, Server, open_cuse_channel
-from cuse_ksm.device import KsmDevice
+from cuse_ksm.device import HostView, KsmDevice
 from cuse_ksm.engine import Engine
-from cuse_ksm.host import ptrace
+from cuse_ksm.host import hostksm, procfs, ptrace
 from cuse_ksm.host.procmem import ProcessMemory
 from cuse_ksm.session import CuseSession, NodeAccess
 
@@ -81,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not mount the control files",
     )
     p.add_argument(
+        "--merge",
+        choices=["emulate", "kernel"],
+        default="emulate",
+        help="emulate (default): scan and count as the 2009 driver, sharing nothing; "
+        "kernel: also have the host kernel's KSM really merge what is registered "
+        "(madvise in the caller; START_STOP drives /sys/kernel/mm/ksm, restored at exit)",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="log every ioctl as strace would show it: caller, file, request, struct, result, time",
@@ -118,11 +126,37 @@ async def log_counters(engine: Engine, interval: float) -> None:
         )
 
 
+def follow_on_host(engine: Engine, host_ksm: hostksm.HostKsm) -> Callable[[], None]:
+    """Kernel mode: each new scanner setting (START_STOP_KTHREAD, the control files) goes to the host's ksmd too.
+
+    Returns the undo.  A value the host refuses is logged, not raised: the
+    ioctl that set it has returned already, as the 2009 driver's would.
+    """
+
+    def follow(params: bool) -> None:
+        if not params:
+            return
+        k = engine.kthread
+        try:
+            host_ksm.apply(bool(k.flags & abi.KSM_CONTROL_FLAGS_RUN), k.pages_to_scan, k.sleep)
+        except OSError as e:
+            log.error("could not pass the new scanner settings to the host kernel: %s", e)
+
+    return engine.watch(follow)
+
+
 async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.serve) -> None:
+    # Checked first: kernel mode on a host without KSM refuses to start at all.
+    host_ksm = hostksm.HostKsm.open() if args.merge == "kernel" else None
     channel = open_cuse_channel(args.cuse)
     try:
         engine = Engine()
-        device = KsmDevice(engine, ProcessMemory.open)
+        host = None
+        if host_ksm is not None:
+            host = HostView(procfs.tgid, hostksm.mergeable_pages, hostksm.merging_pages, host_ksm.counters)
+            follow_on_host(engine, host_ksm)
+            log.info("merging for real: registered memory is madvised mergeable for the host kernel's KSM")
+        device = KsmDevice(engine, ProcessMemory.open, host=host)
         session = CuseSession(device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
         server = Server(channel, session, ptrace.borrow_from_ioctl)
         stats_dir = controltree.default_dir(args.name) if args.stats_dir is None else args.stats_dir
@@ -146,7 +180,7 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
                 from cuse_ksm import controlfs
 
                 try:
-                    await nursery.start(controlfs.serve, engine, stats_dir)
+                    await nursery.start(controlfs.serve, controltree.ControlTree(engine, host), stats_dir)
                 except controlfs.MountError as e:
                     # The device matters more than its statistics: serve it anyway.
                     log.error("%s; running without control files", e)
@@ -158,6 +192,11 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
         os.close(channel)
         for sma in list(engine.smas.values()):
             engine.release_sma(sma)
+        if host_ksm is not None:
+            # Every exit path but SIGKILL comes through here (README, "Really merging").
+            restored = host_ksm.restore()
+            if restored:
+                log.info("host KSM settings restored: %s", " ".join(f"{k}={v}" for k, v in restored.items()))
     log.info("stopped")
 
 
@@ -174,8 +213,8 @@ def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve)
     # them inside an ExceptionGroup; a bare exception matches too.
     try:
         trio.run(run_daemon, args, serve_loop)
-    except* NoCuseError as no_cuse:
-        for e in no_cuse.exceptions:
+    except* (NoCuseError, hostksm.NoHostKsm) as cannot:
+        for e in cannot.exceptions:
             log.error("%s", e)
         rc = 2
     except* PermissionError as denied:

@@ -34,7 +34,6 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm.controltree import ControlTree, Node
-from cuse_ksm.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +261,8 @@ def mount_options() -> set[str]:
     return {*pyfuse3.default_options, "allow_other", "fsname=cuse-ksm"}
 
 
-async def serve(engine: Engine, mountpoint: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Mount the control filesystem at ``mountpoint`` and serve it until cancelled.
+async def serve(tree: ControlTree, mountpoint: str, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Mount the control filesystem at ``mountpoint``, showing ``tree``, and serve it until cancelled.
 
     Reports started once the mount is in place.  Raises MountError (before
     starting, so ``nursery.start`` raises it as it is, on every trio, and the
@@ -284,7 +283,7 @@ async def serve(engine: Engine, mountpoint: str, *, task_status: Any = trio.TASK
     """
     mountpoint = os.path.abspath(mountpoint)
     prepare_mountpoint(mountpoint)
-    ops = ControlOperations(ControlTree(engine))
+    ops = ControlOperations(tree)
     try:
         pyfuse3.init(ops, mountpoint, mount_options())
     except RuntimeError as e:

@@ -21,6 +21,12 @@ Two layers, each usable without the next:
   with a directory per registered process) as inode numbers, names, modes and
   contents, computed from the engine on every call.
 
+With ``--merge kernel`` the tree also shows the host kernel's own figures
+beside the emulated ones (:data:`HOST_VALUES`, ``processes/PID/
+host_ksm_merging_pages``, two more columns in ``regions``), read through a
+:class:`~cuse_ksm.device.HostView` at every read: the emulated counters stay
+the 2009 driver's, the ``host_`` ones say what is really shared.
+
 Writes act on the engine exactly as START_STOP_KTHREAD does: the new
 parameters are built as an :class:`~cuse_ksm.abi.KthreadInfo` (which refuses
 values that do not fit its ``__u32`` fields) and stored with
@@ -46,6 +52,7 @@ from cuse_ksm import abi
 if TYPE_CHECKING:
     # Only for annotations: importing the engine would import what it needs
     # to run (trio, xxhash, ...), and ``cuse-ksm status`` needs none of it.
+    from cuse_ksm.device import HostView
     from cuse_ksm.engine import Engine, Slot
 
 DEFAULT_ROOT = "/run/cuse-ksm"
@@ -191,17 +198,41 @@ def write_value(engine: Engine, name: str, data: bytes) -> None:
 # -- the per-process files -----------------------------------------------------------
 
 REGIONS_HEADER = "sma addr npages merged\n"
+HOST_REGIONS_HEADER = "sma addr npages merged madvise mergeable\n"
 
 
-def regions_text(slots: list[Slot]) -> bytes:
+def regions_text(slots: list[Slot], host: HostView | None = None) -> bytes:
     """``processes/<pid>/regions``: a header line, then one line per region.
 
     ``merged`` counts the region's pages that currently map a shared page
-    (the engine's own per-region counter).
+    (the engine's own per-region counter).  In kernel mode two more
+    columns: ``madvise``, what the caller's MADV_MERGEABLE of the region
+    returned ("ok", "pending", or the errno's name, e.g. ENOMEM), and
+    ``mergeable``, how many of its pages the host kernel will merge now
+    (those in mappings marked VM_MERGEABLE: a MAP_SHARED region shows 0
+    after an "ok", because the kernel ignores the advice there).
     """
-    lines = [REGIONS_HEADER]
-    lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
+    if host is None:
+        lines = [REGIONS_HEADER]
+        lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
+        return "".join(lines).encode()
+    lines = [HOST_REGIONS_HEADER]
+    for s in slots:
+        _, mergeable = host.mergeable_pages(s.space.tgid, s.base, s.npages)
+        lines.append(f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged} {s.host_advice or '-'} {mergeable}\n")
     return "".join(lines).encode()
+
+
+# -- the host kernel's figures (kernel mode) ----------------------------------------
+
+HostValue = Callable[["ControlTree", "HostView"], int]
+HOST_VALUES: dict[str, HostValue] = {
+    # The host kernel's counters are global: other users of KSM on the host count too.
+    "host_pages_shared": lambda tree, host: host.counters().pages_shared,
+    "host_pages_sharing": lambda tree, host: host.counters().pages_sharing,
+    # Only the registered processes: what /dev/ksm's users really got.
+    "host_ksm_merging_pages": lambda tree, host: sum(host.merging_pages(t) or 0 for t in tree.tgids()),
+}
 
 
 # -- the tree --------------------------------------------------------------------------
@@ -212,11 +243,13 @@ ROOT_INODE = 1
 PROCESSES_INODE = 2
 _VALUE_INODES = {v.name: 16 + i for i, v in enumerate(VALUES)}
 _INODE_VALUES = {ino: BY_NAME[name] for name, ino in _VALUE_INODES.items()}
+_HOST_INODES = {name: 64 + i for i, name in enumerate(HOST_VALUES)}
+_INODE_HOST = {ino: name for name, ino in _HOST_INODES.items()}
 # Per-process inodes are computed from the tgid, so they need no table and
 # stay valid for as long as the process is registered.
 _PROC_BASE = 1 << 32
 _PROC_STRIDE = 4
-PROCESS_FILES = ("ksm_merging_pages", "regions")
+PROCESS_FILES = ("ksm_merging_pages", "regions", "host_ksm_merging_pages")  # the last in kernel mode only
 
 
 @dataclass(frozen=True)
@@ -246,8 +279,12 @@ class ControlTree:
     only groups the registered regions by process to lay out directories.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, host: HostView | None = None) -> None:
+        """``host`` given: kernel mode, with the host kernel's figures beside the emulated ones."""
         self.engine = engine
+        self.host = host
+        self._process_files = PROCESS_FILES if host is not None else PROCESS_FILES[:2]
+        self._host_inodes = _HOST_INODES if host is not None else {}
 
     # the processes --------------------------------------------------------------
 
@@ -278,22 +315,25 @@ class ControlTree:
         value = _INODE_VALUES.get(inode)
         if value is not None:
             return Node(inode, _RW_MODE if value.writable else _RO_MODE)
+        if inode in _INODE_HOST and self.host is not None:
+            return Node(inode, _RO_MODE)
         if inode >= _PROC_BASE:
             tgid, k = self._split_process_inode(inode)
-            if k < len(PROCESS_FILES) and self.regions(tgid):
+            if k < len(self._process_files) and self.regions(tgid):
                 return Node(inode, _DIR_MODE if k == -1 else _RO_MODE)
         return None
 
     def entries(self, inode: int) -> list[tuple[str, int]]:
         """(name, inode) of the children of directory ``inode``, in a stable order."""
         if inode == ROOT_INODE:
-            return [(v.name, _VALUE_INODES[v.name]) for v in VALUES] + [("processes", PROCESSES_INODE)]
+            values = [(v.name, _VALUE_INODES[v.name]) for v in VALUES]
+            return [*values, *self._host_inodes.items(), ("processes", PROCESSES_INODE)]
         if inode == PROCESSES_INODE:
             return [(str(tgid), self.process_inode(tgid)) for tgid in self.tgids()]
         node = self.node(inode)
         if node is not None and node.is_dir:
             tgid, _ = self._split_process_inode(inode)
-            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(PROCESS_FILES)]
+            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(self._process_files)]
         raise OSError(errno.ENOTDIR, "not a directory")
 
     def lookup(self, parent: int, name: str) -> int | None:
@@ -322,10 +362,16 @@ class ControlTree:
             raise OSError(errno.ENOENT, "no such file")
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
+        host = self.host
+        if inode in _INODE_HOST and host is not None:
+            return b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
         tgid, k = self._split_process_inode(inode)
-        if PROCESS_FILES[k] == "ksm_merging_pages":
+        name = PROCESS_FILES[k]
+        if name == "ksm_merging_pages":
             return b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
-        return regions_text(self.regions(tgid))
+        if name == "host_ksm_merging_pages" and host is not None:
+            return b"%d\n" % (host.merging_pages(tgid) or 0)
+        return regions_text(self.regions(tgid), host)
 
     def write(self, inode: int, data: bytes) -> None:
         value = _INODE_VALUES.get(inode)

@@ -208,14 +208,14 @@ class Server:
             self.send(session.complete_ioctl(borrow))
 
         try:
-            result = await self._borrower(borrow.tid, borrow.syscall, complete_ioctl)
+            results = await self._borrower(borrow.tid, borrow.errand, complete_ioctl)
         except BorrowError as e:
             reply = session.borrow_failed(borrow, e.errno, str(e))
         except Exception as e:
             # A bug of ours, not the caller's doing: the caller's ioctl fails
             # with EIO and the daemon serves on (one ioctl must never take it
             # down).  Cancellation (a BaseException) still ends the task below.
-            log.exception("borrowing tid %d for %s failed unexpectedly", borrow.tid, borrow.syscall.name)
+            log.exception("borrowing tid %d for %s failed unexpectedly", borrow.tid, borrow.errand)
             reply = session.borrow_failed(borrow, errno.EIO, f"internal error: {e!r}")
         except BaseException:
             reply = session.borrow_cancelled(borrow)
@@ -223,7 +223,7 @@ class Server:
                 self.send(reply)
             raise
         else:
-            session.borrowed(borrow, result)
+            session.borrowed(borrow, results)
             return
         if reply is not None:
             self.send(reply)

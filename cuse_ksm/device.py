@@ -7,11 +7,19 @@ says which open that is).  Both live behind the FUSE file handle the kernel
 gives back with every request.
 
 This layer decides *what* each call does and returns; it performs no I/O of
-its own.  Two things it needs from the outside are injected: the engine (the
-state the calls change) and ``open_space``, which pins a caller's memory.
-CREATE_SHARED_MEMORY_AREA cannot finish here - only the caller can open an fd
-in its own process - so it yields a :class:`HandOut` for the session
-(:mod:`cuse_ksm.session`) to carry out.
+its own.  What it needs from the outside is injected: the engine (the
+state the calls change), ``open_space``, which pins a caller's memory, and
+in kernel mode a :class:`HostView`, which tells a thread's process and
+what the host kernel made of a range.  CREATE_SHARED_MEMORY_AREA cannot finish here - only the caller can
+open an fd in its own process - so it yields a :class:`HandOut` for the
+session (:mod:`cuse_ksm.session`) to carry out.
+
+With ``merge_kernel`` (``--merge kernel``), REGISTER and REMOVE also yield
+an :class:`Advise`: the caller must madvise() its own memory so that the
+host kernel's KSM merges what the 2009 ABI registered, and stops where it
+no longer is.  The ioctl still returns what the 2009 driver returned.
+What each region's madvise achieved is kept on its slot
+(``Slot.host_advice``) for the control files.
 
 Quirks of the 2009 driver reproduced on purpose (see README, "Quirks"):
 
@@ -31,12 +39,14 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from cuse_ksm import abi
-from cuse_ksm.engine import AddressSpace, Engine, Sma
+from cuse_ksm.engine import AddressSpace, Engine, Slot, Sma
+from cuse_ksm.host.hostksm import HostCounters
+from cuse_ksm.host.syscall import MADV_MERGEABLE, MADV_UNMERGEABLE
 
 
 @dataclass(frozen=True)
@@ -104,7 +114,43 @@ class HandOut:
     sma: Sma
 
 
-Outcome = Done | HandOut | Fetch
+@dataclass(frozen=True)
+class Advise:
+    """Kernel mode: the caller must ``madvise(addr, length, advice)`` each of ``ranges`` in its own memory.
+
+    REGISTER asks for MADV_MERGEABLE on its region (``slot``), REMOVE for
+    MADV_UNMERGEABLE on what the process no longer registers.  The ioctl
+    returns ``result`` whatever madvise says; the session reports each
+    call's result to :meth:`KsmDevice.advised`.
+    """
+
+    ranges: tuple[tuple[int, int], ...]  # (addr, length in bytes)
+    advice: int
+    tgid: int
+    slot: Slot | None = None  # REGISTER's region
+    result: int = 0
+
+
+# What madvise achieves, as Slot.host_advice and processes/PID/regions show it:
+# "pending" until the caller's madvise returned, then "ok" or the errno's name.
+ADVICE_PENDING = "pending"
+ADVICE_OK = "ok"
+
+@dataclass(frozen=True)
+class HostView:
+    """What kernel mode reads from the host: the OS adapters (host.procfs, host.hostksm), chosen in cli.py.
+
+    The device uses the first two, the control files (controltree.py) the last three.
+    """
+
+    tgid: Callable[[int], int]  # the process of a thread; ProcessLookupError once it is gone
+    # (mapped, mergeable) pages of [addr, addr + npages pages) in process tgid, as the host kernel sees them now.
+    mergeable_pages: Callable[[int, int, int], tuple[int, int]]
+    # Pages of process tgid the host kernel merges now (None: gone, or not reported).
+    merging_pages: Callable[[int], int | None]
+    counters: Callable[[], HostCounters]  # the host kernel's own, for the whole host
+
+Outcome = Done | HandOut | Fetch | Advise
 
 # Positive results returned by the 2009 driver's code where a negative errno was meant.
 QUIRK_START_RUN_WITHOUT_PAGES = errno.EPERM  # +1
@@ -114,9 +160,17 @@ QUIRK_SMA_UNKNOWN_COMMAND = errno.EINVAL  # +22
 class KsmDevice:
     """The open files of /dev/ksm and what each ioctl does to the engine."""
 
-    def __init__(self, engine: Engine, open_space: Callable[[int], AddressSpace]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        open_space: Callable[[int], AddressSpace],
+        *,
+        host: HostView | None = None,
+    ) -> None:
+        """``host`` given: kernel mode (``--merge kernel``), see the module docstring."""
         self.engine = engine
         self._open_space = open_space
+        self.host = host
         self.files: dict[int, OpenFile] = {}
         self._fhs = itertools.count(1)
         # GET_INFO_KTHREAD's answer, and the engine's struct it was built from.
@@ -209,12 +263,107 @@ class KsmDevice:
             except OSError as e:
                 return Done(-(e.errno or errno.EPERM))
             try:
-                self.engine.register(sma, space, region.addr, region.npages)
+                slot = self.engine.register(sma, space, region.addr, region.npages)
             except BaseException:
                 space.close()
                 raise
-            return _SUCCESS
+            if self.host is None or not region.npages:
+                return _SUCCESS  # emulation, or nothing to advise (madvise of 0 bytes is a no-op)
+            # From the page that holds addr, as the scanner reads it (Slot.base):
+            # madvise wants an aligned start, the 2009 driver did not.
+            slot.host_advice = ADVICE_PENDING
+            start, end = _span(slot)
+            return Advise(((start, end - start),), MADV_MERGEABLE, space.tgid, slot)
         if cmd == abi.KSM_REMOVE_MEMORY_REGION:
+            gone = list(sma.slots)
             self.engine.remove_regions(sma)
-            return _SUCCESS
+            if self.host is None or not gone:
+                return _SUCCESS
+            return self._unmerge(tid, gone) or _SUCCESS
         return Done(QUIRK_SMA_UNKNOWN_COMMAND)
+
+    # -- kernel mode ------------------------------------------------------------
+
+    def _unmerge(self, tid: int, gone: list[Slot]) -> Advise | None:
+        """MADV_UNMERGEABLE for the caller's removed regions, except what its process still registers.
+
+        Only the caller's own process can be advised.  An SMA fd may have
+        been inherited or passed on, so REMOVE may drop regions of other
+        processes too: those stay mergeable in the host kernel until their
+        process exits, as after the last close (README, "Really merging").
+        The host kernel keeps one VM_MERGEABLE flag per mapping, not a
+        count: a range that another region of the same process (through
+        this SMA or another) still registers must stay mergeable.
+        """
+        assert self.host is not None
+        try:
+            tgid = self.host.tgid(tid)
+        except ProcessLookupError:
+            return None  # the caller is gone: the kernel forgets its memory anyway
+        kept = [_span(s) for s in self.engine.slots if s.space.tgid == tgid]
+        ranges = _subtract([_span(s) for s in gone if s.npages and s.space.tgid == tgid], kept)
+        if not ranges:
+            return None
+        return Advise(tuple((start, end - start) for start, end in ranges), MADV_UNMERGEABLE, tgid)
+
+    def advised(self, advise: Advise, results: tuple[int, ...]) -> list[str]:
+        """The caller's madvise calls returned ``results`` (-errno each, or 0): record them on the slot.
+
+        Returns what the user should know about it, one sentence each: a
+        failed call, and a call that succeeded while the host kernel still
+        will not merge part of the range (MADV_MERGEABLE returns 0 but
+        ignores shared mappings).
+        """
+        notes = []
+        for (addr, length), result in zip(advise.ranges, results, strict=True):
+            if result < 0:
+                name = errno.errorcode.get(-result, str(-result))
+                hint = _MADVISE_ERRORS.get(-result, "")
+                notes.append(f"madvise({addr:#x}, {length:#x}) failed with {name}{hint}")
+        slot = advise.slot
+        if slot is not None:
+            slot.host_advice = ADVICE_OK if results[0] == 0 else errno.errorcode.get(-results[0], str(-results[0]))
+            if results[0] == 0 and self.host is not None:
+                mapped, mergeable = self.host.mergeable_pages(advise.tgid, slot.base, slot.npages)
+                if mergeable < slot.npages:
+                    notes.append(
+                        f"only {mergeable} of the region's {slot.npages} pages are mergeable "
+                        f"({mapped} mapped): the host kernel ignores MADV_MERGEABLE on shared "
+                        "mappings (MAP_SHARED, shmem) and special ones (VM_PFNMAP, VM_IO, hugetlbfs)"
+                    )
+        return notes
+
+
+# What a failing madvise() of a registered range means, for its log line.
+_MADVISE_ERRORS = {
+    errno.ENOMEM: " (part of the range is not mapped; the host kernel marked the mapped parts)",
+    errno.EINVAL: " (the range wraps the address space)",
+    errno.EAGAIN: " (the host kernel was short of memory)",
+}
+
+
+def _span(slot: Slot) -> tuple[int, int]:
+    """[start, end) of the pages a slot registered, clipped to the 64-bit address space."""
+    return slot.base, min(slot.base + slot.npages * abi.PAGE_SIZE, 1 << 64)
+
+
+def _subtract(ranges: Iterable[tuple[int, int]], holes: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``ranges`` (merged, sorted) that no range of ``holes`` covers."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    for h_start, h_end in holes:
+        cut: list[tuple[int, int]] = []
+        for start, end in out:
+            if h_end <= start or end <= h_start:
+                cut.append((start, end))
+                continue
+            if start < h_start:
+                cut.append((start, h_start))
+            if h_end < end:
+                cut.append((h_end, end))
+        out = cut
+    return out

@@ -10,8 +10,9 @@ spawns.  Its owner (:class:`cuse_ksm.daemon.Server`) moves the bytes::
 quick ioctl among them), or a tuple of outputs to carry out in order: replies
 (``bytes``) and actions, which need the world outside the session:
 
-* :class:`Borrow`: borrow the calling thread for one system call of its own
-  (the SMA fd hand-out: the caller opens the device itself).  The owner runs
+* :class:`Borrow`: borrow the calling thread for system calls of its own
+  (the SMA fd hand-out: the caller opens the device itself; in kernel mode,
+  REGISTER and REMOVE: the caller madvises its own memory).  The owner runs
   it with a :data:`~cuse_ksm.host.syscall.Borrower` and reports back how it
   went (:meth:`CuseSession.complete_ioctl`, :meth:`~CuseSession.borrowed`,
   :meth:`~CuseSession.borrow_failed`, :meth:`~CuseSession.borrow_cancelled`).
@@ -39,14 +40,15 @@ import time
 from dataclasses import dataclass
 
 from cuse_ksm import abi, protocol, trace
-from cuse_ksm.device import Done, Fetch, HandOut, KsmDevice, OpenFile
-from cuse_ksm.engine import Sma
-from cuse_ksm.host.syscall import Syscall, openat
+from cuse_ksm.device import Advise, Done, Fetch, HandOut, KsmDevice, OpenFile
+from cuse_ksm.host.syscall import MADV_MERGEABLE, Errand, madvise, openat
 
 log = logging.getLogger(__name__)
 
-# What the SMA fd hand-out borrows the caller for, as error messages say it.
+# What each borrow is for, as error messages say it ("...; cannot <purpose>").
 HAND_OUT = "hand out the SMA fd"
+MERGE = "have the host kernel merge the registered region"
+UNMERGE = "stop the host kernel merging the removed regions"
 
 
 @dataclass(frozen=True)
@@ -67,19 +69,22 @@ class SetNodeAccess:
 
 @dataclass(eq=False)
 class Borrow:
-    """Action: borrow the thread blocked in ``request`` to make ``syscall``; and the life of that borrow.
+    """Action: borrow the thread blocked in ``request`` for ``errand``; and the life of that borrow.
 
-    Today's one case is the SMA fd hand-out: CREATE_SHARED_MEMORY_AREA's
-    caller opens the device itself, and the session binds that open to
-    ``sma``.  Running it, the owner calls :meth:`CuseSession.complete_ioctl`
-    when the borrower asks to complete the thread's ioctl, then exactly one
-    of :meth:`~CuseSession.borrowed`, :meth:`~CuseSession.borrow_failed` or
+    ``outcome`` is what the device asked for: a :class:`HandOut` (the
+    caller of CREATE_SHARED_MEMORY_AREA opens the device itself, and the
+    session binds that open to the new SMA) or, in kernel mode, an
+    :class:`Advise` (the caller of REGISTER or REMOVE madvises its own
+    memory; its ioctl returns the 2009 result whatever happens).  Running
+    it, the owner calls :meth:`CuseSession.complete_ioctl` when the borrower
+    asks to complete the thread's ioctl, then exactly one of
+    :meth:`~CuseSession.borrowed`, :meth:`~CuseSession.borrow_failed` or
     :meth:`~CuseSession.borrow_cancelled`, and writes what they return.
     """
 
     request: protocol.Ioctl
-    syscall: Syscall
-    sma: Sma  # the SMA whose fd is handed out
+    errand: Errand
+    outcome: HandOut | Advise
     started: float  # time.perf_counter() when the request came: the debug line and --trace
     replied: bool = False  # the thread's ioctl was completed: it is never answered again
     opened: OpenFile | None = None  # the file of the thread's injected open, once it came
@@ -115,7 +120,7 @@ class CuseSession:
         # The borrows in flight, by the thread borrowed.  A thread is held in
         # its ioctl until its borrow ends, so it has at most one.
         self.borrows: dict[int, Borrow] = {}
-        self._hand_out_call = openat(os.fsencode(self.devpath), os.O_RDWR, purpose=HAND_OUT)
+        self._hand_out_errand = Errand((openat(os.fsencode(self.devpath), os.O_RDWR, purpose=HAND_OUT),))
 
     def receive(self, req: protocol.Request) -> Output:
         """What to do about ``req``: the reply to write, or replies and actions in order (module docstring)."""
@@ -132,7 +137,7 @@ class CuseSession:
                 # caller's bytes; the kernel copies them (or fails with EFAULT for a
                 # bad pointer, before we hear of it) and calls again.
                 return protocol.reply_ioctl_retry(req.unique, req.arg, outcome.copy_in, outcome.copy_out)
-            return (self._hand_out(req, outcome),)
+            return (self._borrow(req, outcome),)
         return self._receive_other(req)
 
     def _receive_other(self, req: protocol.Request) -> Output:
@@ -171,22 +176,29 @@ class CuseSession:
 
     def _open(self, tid: int) -> OpenFile:
         borrow = self.borrows.get(tid)
-        if borrow is None or borrow.opened is not None:
+        if borrow is None or borrow.opened is not None or not isinstance(borrow.outcome, HandOut):
             return self.device.open()
         # The thread is held by its hand-out, so this is the open we made it do.
-        borrow.opened = file = self.device.open(sma=borrow.sma)
-        log.debug("tid %d opened SMA %d as fh %d", tid, borrow.sma.id, file.fh)
+        sma = borrow.outcome.sma
+        borrow.opened = file = self.device.open(sma=sma)
+        log.debug("tid %d opened SMA %d as fh %d", tid, sma.id, file.fh)
         return file
 
     def _trace(self, req: protocol.Ioctl, result: int, out: bytes, started: float, *, sma_id: int = 0) -> None:
         """The --trace line of a completed ioctl, naming its file as the daemon knows it."""
         trace.ioctl(req, self.device.files.get(req.fh), self.devpath, result, out, started, sma_id=sma_id)
 
-    # -- the hand-out ------------------------------------------------------------
+    # -- borrows: the hand-out, and kernel mode's madvise ----------------------------
 
-    def _hand_out(self, req: protocol.Ioctl, outcome: HandOut) -> Borrow:
-        """CREATE_SHARED_MEMORY_AREA: borrow its caller to open the device, an open bound to the new SMA."""
-        borrow = Borrow(req, self._hand_out_call, outcome.sma, time.perf_counter())
+    def _borrow(self, req: protocol.Ioctl, outcome: HandOut | Advise) -> Borrow:
+        """Borrow the caller for what the device asked: open the device (an open bound to the new SMA), or madvise."""
+        if isinstance(outcome, HandOut):
+            errand = self._hand_out_errand
+        else:
+            purpose = MERGE if outcome.advice == MADV_MERGEABLE else UNMERGE
+            calls = tuple(madvise(addr, length, outcome.advice, purpose=purpose) for addr, length in outcome.ranges)
+            errand = Errand(calls, returns=outcome.result)
+        borrow = Borrow(req, errand, outcome, time.perf_counter())
         self.borrows[req.pid] = borrow
         return borrow
 
@@ -198,20 +210,39 @@ class CuseSession:
         borrow.replied = True
         return protocol.reply_ioctl(borrow.request.unique, 0)
 
-    def borrowed(self, borrow: Borrow, result: int) -> None:
-        """The borrowed call returned ``result`` (the fd the caller got): the hand-out is done."""
+    def borrowed(self, borrow: Borrow, results: tuple[int, ...]) -> None:
+        """The borrowed calls returned ``results`` (the hand-out: the fd the caller got): the borrow is done."""
         self._end(borrow)
-        req = borrow.request
+        req, outcome = borrow.request, borrow.outcome
+        if isinstance(outcome, Advise):
+            self._advised(borrow, outcome, results)
+            if self.tracing:
+                self._trace(req, outcome.result, b"", borrow.started)
+            return
+        (fd,) = results
         ms = (time.perf_counter() - borrow.started) * 1e3
-        log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", borrow.sma.id, req.pid, result, ms)
+        log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", outcome.sma.id, req.pid, fd, ms)
         if self.tracing:
-            self._trace(req, result, b"", borrow.started, sma_id=borrow.sma.id)
+            self._trace(req, fd, b"", borrow.started, sma_id=outcome.sma.id)
+
+    def _advised(
+        self, borrow: Borrow, advise: Advise, results: tuple[int, ...], why: str = "", level: int = logging.WARNING
+    ) -> None:
+        """Record what the caller's madvise calls did, and say what went wrong, one line each."""
+        req = borrow.request
+        for note in self.device.advised(advise, results):
+            log.log(level, "%s from tid %d: %s%s", abi.ioctl_name(req.cmd), req.pid, note, f": {why}" if why else "")
+        if log.isEnabledFor(logging.DEBUG):
+            ms = (time.perf_counter() - borrow.started) * 1e3
+            log.debug("tid %d ran %s in %.1f ms: %s", req.pid, borrow.errand, ms, results)
 
     def borrow_failed(self, borrow: Borrow, err: int, why: str) -> bytes | None:
-        """The borrower failed with ``err`` (positive) for the reason ``why``: the SMA ends.
+        """The borrower failed with ``err`` (positive) for the reason ``why``.
 
-        Returns the reply that fails the caller's ioctl with ``err``, or None
-        if its ioctl was completed already (the borrower then set its result).
+        A hand-out's SMA ends, and its caller's ioctl fails with ``err``; a
+        madvise is recorded as failed, and its caller's ioctl returns what
+        the 2009 driver returned.  Returns the reply to write, or None if
+        the ioctl was completed already (the borrower then set its result).
         """
         return self._fail(borrow, err, why)
 
@@ -221,7 +252,16 @@ class CuseSession:
 
     def _fail(self, borrow: Borrow, err: int, why: str | None) -> bytes | None:
         self._end(borrow)
-        req = borrow.request
+        req, outcome = borrow.request, borrow.outcome
+        if isinstance(outcome, Advise):
+            # Nothing the borrower did changes the 2009 result; the
+            # madvise is failed for every range (none of it is known to have run).
+            # A caller killed mid-call is its own business (as for the hand-out).
+            level = logging.INFO if err in (errno.ESRCH, errno.EINTR) else logging.WARNING
+            self._advised(borrow, outcome, (-err,) * len(outcome.ranges), why or "the daemon is stopping", level)
+            if self.tracing:
+                self._trace(req, outcome.result, b"", borrow.started)
+            return None if borrow.replied else protocol.reply_ioctl(req.unique, outcome.result)
         if self.tracing:
             self._trace(req, -err, b"", borrow.started)
         if why is not None:
@@ -229,7 +269,7 @@ class CuseSession:
             # A caller killed mid-call is its own business; anything else is ours to explain.
             level = logging.INFO if err == errno.ESRCH else logging.WARNING
             log.log(level, "%s from tid %d failed (%s): %s", abi.ioctl_name(req.cmd), req.pid, name, why)
-        self.device.hand_out_failed(borrow.sma)
+        self.device.hand_out_failed(outcome.sma)
         return None if borrow.replied else protocol.reply_ioctl(req.unique, -err)
 
     def _end(self, borrow: Borrow) -> None:

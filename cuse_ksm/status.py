@@ -6,6 +6,11 @@ works on a real kernel's ``/sys/kernel/mm/ksm`` too, as far as the names
 agree (``--dir /sys/kernel/mm/ksm``).  ``--watch`` redraws the report every
 few seconds with each counter's rate of change since the previous frame.
 
+The emulated counters are what the 2009 driver would report; they share no
+memory.  The report says so ("would save"), and when the daemon runs with
+``--merge kernel`` it also shows what the host kernel's KSM really shares
+("really shared (host KSM)"), from the ``host_`` files.
+
 It needs only :mod:`cuse_ksm.controltree` (the file names and their number
 format), not the FUSE adapter, so it runs where pyfuse3 is not installed.
 """
@@ -21,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cuse_ksm import abi
-from cuse_ksm.controltree import VALUES, default_dir, parse_number
+from cuse_ksm.controltree import HOST_VALUES, VALUES, default_dir, parse_number
 
 DEFAULT_DIR = default_dir("ksm")
 
@@ -50,6 +55,7 @@ class Process:
     regions: int
     pages: int
     merged: int
+    host_merged: int | None = None  # kernel mode: pages the host kernel merges in it
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,9 @@ class Snapshot:
     when: float
     values: dict[str, int]
     processes: list[Process] = field(default_factory=list)
+    # A cuse-ksm directory (it has processes/): its counters are emulated.
+    # A kernel's /sys/kernel/mm/ksm has none, and its counters are real.
+    emulated: bool = True
 
 
 def _read_number(path: str) -> int | None:
@@ -84,6 +93,7 @@ def _read_process(directory: str, pid: int) -> Process | None:
         regions=len(rows),
         pages=sum(int(r[2]) for r in rows),
         merged=merged if merged is not None else sum(int(r[3]) for r in rows),
+        host_merged=_read_number(os.path.join(directory, "host_ksm_merging_pages")),
     )
 
 
@@ -103,11 +113,11 @@ def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -
             raise StatusError(f"{directory}: stale mount, the daemon that served it died") from None
         raise StatusError(f"{directory}: {e.strerror}") from None
     values: dict[str, int] = {}
-    for v in VALUES:
-        if v.name in names:
-            number = _read_number(os.path.join(directory, v.name))
+    for name in [v.name for v in VALUES] + list(HOST_VALUES):
+        if name in names:
+            number = _read_number(os.path.join(directory, name))
             if number is not None:
-                values[v.name] = number
+                values[name] = number
     if not any(name in values for name in COUNTERS):
         raise StatusError(f"{directory} holds none of the KSM counters: not a cuse-ksm control directory")
     processes = []
@@ -120,7 +130,7 @@ def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -
         proc = _read_process(os.path.join(procdir, str(pid)), pid)
         if proc is not None:
             processes.append(proc)
-    return Snapshot(directory, clock(), values, processes)
+    return Snapshot(directory, clock(), values, processes, emulated="processes" in names)
 
 
 def mib(pages: int) -> str:
@@ -164,18 +174,39 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
             rate = f" {(v[name] - before) / dt:>10.1f}" if before is not None and dt > 0 else f" {'-':>10}"
         lines.append(f"  {name:<16} {v[name]:>12} {size:>10}{rate}".rstrip())
     shared, sharing = v.get("pages_shared", 0), v.get("pages_sharing", 0)
-    lines.append("")
-    lines.append(f"saved: {mib(sharing)} MiB ({sharing} pages: pages_sharing)")
     kept = "1 shared page" if shared == 1 else f"{shared} shared pages"
-    lines.append(f"cost:  {mib(shared)} MiB ({kept} kept: pages_shared)")
+    lines.append("")
+    if snap.emulated:
+        # Emulated figures: what the 2009 driver would have saved.  Nothing is shared by them.
+        lines.append(f"would save: {mib(sharing)} MiB ({sharing} pages: pages_sharing)")
+        lines.append(f"would cost: {mib(shared)} MiB ({kept} kept: pages_shared)")
+    else:
+        lines.append(f"saved: {mib(sharing)} MiB ({sharing} pages: pages_sharing)")
+        lines.append(f"cost:  {mib(shared)} MiB ({kept} kept: pages_shared)")
     if shared:
         lines.append(f"sharing ratio: {sharing / shared:.1f} sites per shared page")
+    host = "host_pages_sharing" in v
+    if host:
+        merging = v.get("host_ksm_merging_pages", 0)
+        h_shared, h_sharing = v.get("host_pages_shared", 0), v.get("host_pages_sharing", 0)
+        lines.append("")
+        lines.append(f"really shared (host KSM): {merging} pages ({mib(merging)} MiB) of the registered processes")
+        lines.append(
+            f"  host-wide: pages_shared {h_shared}, pages_sharing {h_sharing}: {mib(h_sharing)} MiB saved, "
+            "counting every user of KSM on the host"
+        )
+    elif snap.emulated:
+        lines.append("no memory is shared: these are the emulator's figures (--merge kernel shares for real)")
     if snap.processes:
         lines.append("")
         lines.append(f"processes ({len(snap.processes)}):")
-        lines.append(f"  {'pid':>8} {'regions':>8} {'pages':>10} {'merged':>10} {'MiB merged':>11}")
+        head = f"  {'pid':>8} {'regions':>8} {'pages':>10} {'merged':>10} {'MiB merged':>11}"
+        lines.append(head + (f" {'host merged':>12}" if host else ""))
         for p in snap.processes:
-            lines.append(f"  {p.pid:>8} {p.regions:>8} {p.pages:>10} {p.merged:>10} {mib(p.merged):>11}")
+            row = f"  {p.pid:>8} {p.regions:>8} {p.pages:>10} {p.merged:>10} {mib(p.merged):>11}"
+            if host:
+                row += f" {p.host_merged if p.host_merged is not None else '-':>12}"
+            lines.append(row)
     return "\n".join(lines) + "\n"
 
 

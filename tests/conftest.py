@@ -37,8 +37,9 @@ import pytest
 import trio
 
 from cuse_ksm import abi, controltree
-from cuse_ksm.device import Done, KsmDevice
-from cuse_ksm.engine import Engine
+from cuse_ksm.device import Done, HandOut, KsmDevice
+from cuse_ksm.engine import Engine, Sma
+from cuse_ksm.session import Borrow
 from tests.engine.fakes import FakeSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,12 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
     out = dev.ioctl(fh, abi.KSM_START_STOP_KTHREAD, 1, info.pack())
     assert isinstance(out, Done)
     return out
+
+
+def sma_of(borrow: Borrow) -> Sma:
+    """The SMA a hand-out's borrow hands out (the test fails if the borrow is no hand-out)."""
+    assert isinstance(borrow.outcome, HandOut), borrow.outcome
+    return borrow.outcome.sma
 
 
 def get_info(engine: Engine) -> abi.KthreadInfo:

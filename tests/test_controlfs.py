@@ -76,7 +76,7 @@ async def mounted(nursery: trio.Nursery) -> AsyncIterator[tuple[Engine, str]]:
     engine.register(engine.new_sma(), space, 0x10000, 17)
     with mount_dir() as path:
         await nursery.start(kksmd.run, engine)
-        await nursery.start(controlfs.serve, engine, path)
+        await nursery.start(controlfs.serve, ControlTree(engine), path)
         yield engine, path
         nursery.cancel_scope.cancel()
 
@@ -156,7 +156,7 @@ async def test_mount_is_gone_after_cancel_and_after_a_crash() -> None:
     engine = Engine()
     with mount_dir() as path:
         async with trio.open_nursery() as nursery:
-            await nursery.start(controlfs.serve, engine, path)
+            await nursery.start(controlfs.serve, ControlTree(engine), path)
             assert is_mounted(path)
             mounts = Path("/proc/self/mounts").read_text().splitlines()
             assert f"cuse-ksm {path} fuse" in [" ".join(line.split()[:3]) for line in mounts]
@@ -169,7 +169,7 @@ async def test_mount_is_gone_after_cancel_and_after_a_crash() -> None:
         # groups wraps it in the nursery's group, an older one does not).
         with pytest.RaisesGroup(ZeroDivisionError, allow_unwrapped=True):
             async with trio.open_nursery() as nursery:
-                await nursery.start(controlfs.serve, engine, path)
+                await nursery.start(controlfs.serve, ControlTree(engine), path)
                 assert is_mounted(path)
                 raise ZeroDivisionError
         assert not is_mounted(path)
@@ -194,7 +194,7 @@ async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_read(monkeyp
         # on a trio with strict exception groups, the bare error on an older one.
         with pytest.RaisesGroup(ZeroDivisionError, allow_unwrapped=True, flatten_subgroups=True):
             async with trio.open_nursery() as nursery:
-                await nursery.start(controlfs.serve, engine, path)
+                await nursery.start(controlfs.serve, ControlTree(engine), path)
                 await trio.to_thread.run_sync(read_run)
         assert not is_mounted(path)
         # The request that hit the bug is never answered; closing the FUSE
@@ -210,7 +210,7 @@ async def test_a_refused_mount_is_raised_by_start_and_the_nursery_goes_on(tmp_pa
     not_a_dir.write_text("")
     async with trio.open_nursery() as nursery:
         with pytest.raises(controlfs.MountError, match="is not a directory"):
-            await nursery.start(controlfs.serve, Engine(), str(not_a_dir))
+            await nursery.start(controlfs.serve, ControlTree(Engine()), str(not_a_dir))
         nursery.start_soon(trio.sleep, 0)  # still open for the device's tasks
     assert not is_mounted(str(not_a_dir))
 
@@ -219,11 +219,12 @@ SERVE_SCRIPT = textwrap.dedent(
     """
     import sys, trio
     from cuse_ksm import controlfs
+    from cuse_ksm.controltree import ControlTree
     from cuse_ksm.engine import Engine
 
     async def main():
         async with trio.open_nursery() as n:
-            await n.start(controlfs.serve, Engine(), sys.argv[1])
+            await n.start(controlfs.serve, ControlTree(Engine()), sys.argv[1])
             print("mounted", flush=True)
             await trio.sleep_forever()
 
@@ -254,7 +255,7 @@ async def test_a_crashed_daemons_stale_mount_is_cleared(caplog: pytest.LogCaptur
         assert exc.value.errno == errno.ENOTCONN
         engine = Engine()
         async with trio.open_nursery() as nursery:
-            await nursery.start(controlfs.serve, engine, path)
+            await nursery.start(controlfs.serve, ControlTree(engine), path)
             assert await read(f"{path}/pages_shared") == "0\n"
             nursery.cancel_scope.cancel()
         assert not is_mounted(path)
@@ -267,7 +268,7 @@ async def test_a_live_mount_is_not_mounted_over() -> None:
         proc = await trio.to_thread.run_sync(start_server_process, path)
         try:
             with pytest.raises(controlfs.MountError, match="already a mount point"):
-                await controlfs.serve(Engine(), path)
+                await controlfs.serve(ControlTree(Engine()), path)
         finally:
             proc.send_signal(signal.SIGINT)  # KeyboardInterrupt: the serve task's finally unmounts
             await trio.to_thread.run_sync(proc.wait)

@@ -30,7 +30,7 @@ from cuse_ksm.daemon import Server
 from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.host.syscall import BorrowError, Syscall
+from cuse_ksm.host.syscall import BorrowError, Errand
 from cuse_ksm.session import CuseSession
 from tests.engine.fakes import FakeSpace
 from tests.fakekernel import FakeKernel
@@ -231,7 +231,8 @@ def run_scenario(ops: list[Op]) -> None:
         handouts: list[tuple[int, str, bytes, int | object]] = []  # what the borrower was asked to do
         opened: list[int] = []  # fh of each open the injector made in its caller
 
-        async def borrower(tid: int, call: Syscall, reply: Callable[[], None]) -> int:
+        async def borrower(tid: int, errand: Errand, reply: Callable[[], None]) -> tuple[int, ...]:
+            (call,) = errand.calls
             handouts.append((tid, call.name, call.stack, call.args[2]))
             if mode[0] == "busy":
                 raise BorrowError(errno.EBUSY, "already traced")
@@ -242,7 +243,7 @@ def run_scenario(ops: list[Op]) -> None:
             opened.append(fh)
             if mode[0] == "killed_after_open":
                 raise BorrowError(errno.ESRCH, "killed after its open")
-            return 100 + fh  # its fd in the caller: only logged
+            return (100 + fh,)  # its fd in the caller: only logged
 
         session = CuseSession(device, dev_dir="/nonexistent")
         server = Server(ours.fileno(), session, borrower)

@@ -35,7 +35,7 @@ import pytest
 import trio
 
 from cuse_ksm.host.ptrace import DEFAULT_GRACE, DEFAULT_TIMEOUT, WALL, borrow, borrow_from_ioctl
-from cuse_ksm.host.syscall import BorrowError, Syscall, openat
+from cuse_ksm.host.syscall import MADV_MERGEABLE, BorrowError, Errand, Syscall, madvise, openat
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or os.geteuid() != 0 or shutil.which("gcc") is None,
@@ -44,10 +44,8 @@ pytestmark = pytest.mark.skipif(
 
 NR_READ = 0
 NR_MMAP = 9
-NR_MADVISE = 28
 NR_VFORK = 58
 NR_OPENAT = 257
-MADV_MERGEABLE = 12
 PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS = 1, 0x02, 0x20
 PAGE_SIZE = 4096
 
@@ -264,7 +262,8 @@ async def borrow_open(
 ) -> int:
     """The fd hand-out's case: thread ``tid`` opens ``path`` itself."""
     call = openat(path, flags, purpose=PURPOSE)
-    return await borrow(tid, call, reply, expect_syscall=expect_syscall, timeout=timeout, grace=grace)
+    (fd,) = await borrow(tid, Errand((call,)), reply, expect_syscall=expect_syscall, timeout=timeout, grace=grace)
+    return fd
 
 
 class Completer:
@@ -467,9 +466,9 @@ async def test_a_call_without_stack_bytes(spawn) -> None:
     child, (w,) = spawn("asm")
     tid = await child.ready(0, NR_READ)
     page = child.spin_counter & ~(PAGE_SIZE - 1)
-    madvise = Syscall("madvise", NR_MADVISE, (page, PAGE_SIZE, MADV_MERGEABLE), what="madvise", purpose="merge")
     reply = Completer(w)
-    assert await borrow(tid, madvise, reply, expect_syscall=NR_READ) == 0
+    errand = Errand((madvise(page, PAGE_SIZE, MADV_MERGEABLE, purpose="merge"),))
+    assert await borrow(tid, errand, reply, expect_syscall=NR_READ) == (0,)
     assert reply.calls == 1
     result = await child.done(0)
     assert (result["ret"], result["fail"]) == (0, 0)  # madvise's 0, not the read's 1; registers intact
@@ -488,7 +487,7 @@ async def test_a_call_with_six_arguments(spawn) -> None:
     length = 3 * PAGE_SIZE
     args = (0, length, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     mmap = Syscall("mmap", NR_MMAP, args, what="map 3 pages", purpose="test the argument registers")
-    addr = await borrow(tid, mmap, Completer(w), expect_syscall=NR_READ)
+    (addr,) = await borrow(tid, Errand((mmap,)), Completer(w), expect_syscall=NR_READ)
     result = await child.done(0)
     assert (result["ret"], result["fail"]) == (addr, 0)
     mapped = []
@@ -498,6 +497,57 @@ async def test_a_call_with_six_arguments(spawn) -> None:
         if start <= addr and addr + length <= end:
             mapped.append(perms)
     assert mapped == ["r--p"]  # read-only, private: the mapping asked for (it may merge with a neighbour)
+
+
+UNMAPPED = 0x10000  # below every mapping of the worker (mmap_min_addr is 64 KiB): madvise says ENOMEM
+
+
+@pytest.mark.trio
+async def test_an_errand_with_a_fixed_result_runs_every_call(spawn) -> None:
+    """REGISTER's case in kernel mode: madvise calls whose failure must not change the ioctl's 0.
+
+    The failing call (an unmapped range) is among the results, the next
+    call still runs, and the thread's read() returns 0, not -ENOMEM.
+    """
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    page = child.spin_counter & ~(PAGE_SIZE - 1)
+    calls = (UNMAPPED, page, UNMAPPED)
+    errand = Errand(tuple(madvise(a, PAGE_SIZE, MADV_MERGEABLE, purpose="merge") for a in calls), returns=0)
+    assert await borrow(tid, errand, Completer(w), expect_syscall=NR_READ) == (-errno.ENOMEM, 0, -errno.ENOMEM)
+    result = await child.done(0)
+    assert (result["ret"], result["fail"]) == (0, 0)
+    assert "mg" in vm_flags(child.pid, page)
+
+
+@pytest.mark.trio
+async def test_an_errand_without_a_fixed_result_stops_at_a_failure(spawn) -> None:
+    """The first failing call ends the errand, and its errno is the thread's result."""
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    page = child.spin_counter & ~(PAGE_SIZE - 1)
+    errand = Errand(tuple(madvise(a, PAGE_SIZE, MADV_MERGEABLE, purpose="merge") for a in (UNMAPPED, page)))
+    with pytest.raises(BorrowError) as info:
+        await borrow(tid, errand, Completer(w), expect_syscall=NR_READ)
+    assert info.value.errno == errno.ENOMEM
+    assert f"could not mark {UNMAPPED:#x}-{UNMAPPED + PAGE_SIZE:#x} mergeable" in str(info.value)
+    result = await child.done(0)
+    assert (result["ret"], result["err"], result["fail"]) == (-1, errno.ENOMEM, 0)
+    assert "mg" not in vm_flags(child.pid, page)  # the second call never ran
+
+
+@pytest.mark.trio
+async def test_each_call_of_an_errand_gets_its_own_stack_bytes(spawn, tmp_path: Path) -> None:
+    """Two opens in one borrow: each call's path argument points at its own bytes."""
+    (first, _), (second, content) = make_file(tmp_path, "first"), make_file(tmp_path, "second")
+    child, (w,) = spawn("asm")
+    tid = await child.ready(0, NR_READ)
+    errand = Errand(tuple(openat(bytes(p), os.O_RDONLY, purpose=PURPOSE) for p in (first, second)))
+    fd1, fd2 = await borrow(tid, errand, Completer(w), expect_syscall=NR_READ)
+    result = await child.done(0)
+    assert (result["ret"], result["fail"]) == (fd2, 0)
+    assert os.readlink(f"/proc/{child.pid}/fd/{fd1}") == str(first)
+    assert_is_file(result, second, content)
 
 
 @pytest.mark.trio
@@ -629,7 +679,8 @@ async def test_a_caller_outside_our_pid_namespace_gets_eperm() -> None:
     # The kernel writes pid 0 into a request whose caller our namespace cannot see.
     calls: list[int] = []
     with pytest.raises(BorrowError) as info:
-        await borrow_from_ioctl(0, openat(b"/dev/null", os.O_RDWR, purpose="test"), lambda: calls.append(1))
+        errand = Errand((openat(b"/dev/null", os.O_RDWR, purpose="test"),))
+        await borrow_from_ioctl(0, errand, lambda: calls.append(1))
     assert info.value.errno == errno.EPERM
     assert "outside the daemon's pid namespace" in str(info.value)
     assert calls == []

@@ -22,12 +22,12 @@ from cuse_ksm.daemon import READ_BURST, Server
 from cuse_ksm.device import KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
-from cuse_ksm.host.syscall import BorrowError, Syscall
+from cuse_ksm.host.syscall import BorrowError, Errand
 from cuse_ksm.session import CuseSession, NodeAccess
 from tests.fakekernel import FakeKernel
 
 
-async def no_borrower(tid: int, call: Syscall, reply) -> int:
+async def no_borrower(tid: int, errand: Errand, reply) -> tuple[int, ...]:
     raise AssertionError("this test creates no SMA")
 
 
@@ -140,12 +140,12 @@ async def test_hand_out_binds_the_injected_open_and_keeps_serving(nursery):
     gate = trio.Event()
     calls = []
 
-    async def fake_borrower(tid, call, reply):
-        calls.append((tid, call))
+    async def fake_borrower(tid, errand, reply):
+        calls.append((tid, errand.calls[0]))
         reply()
         await gate.wait()  # the caller is slow to run its injected openat
         fh = await h.kernel.open(pid=tid)  # ...which reaches the daemon as a FUSE_OPEN from tid
-        return 40 + fh
+        return (40 + fh,)
 
     h = Harness(fake_borrower)
     await h.start(nursery)

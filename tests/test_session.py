@@ -19,6 +19,7 @@ from cuse_ksm.device import DeviceFile, KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.syscall import AT_FDCWD, NR_OPENAT, STACK
 from cuse_ksm.session import HAND_OUT, Borrow, CuseSession, NodeAccess, SetNodeAccess
+from tests.conftest import sma_of
 
 TID = 4321
 ARG = 0x7FFF0000  # the caller's pointer argument
@@ -177,19 +178,20 @@ def hand_out(session: CuseSession) -> tuple[Borrow, int]:
     borrow = create(session, open_fh(session))
     session.complete_ioctl(borrow)
     sma_fh = open_fh(session)
-    session.borrowed(borrow, 5)
+    session.borrowed(borrow, (5,))
     return borrow, sma_fh
 
 
 def test_create_borrows_its_caller_to_open_the_device(up):
     borrow = create(up, open_fh(up))
     assert borrow.tid == TID
-    call = borrow.syscall
+    (call,) = borrow.errand.calls
+    assert borrow.errand.returns is None  # the thread gets the open's result: its fd
     assert (call.name, call.nr, call.args) == ("openat", NR_OPENAT, (AT_FDCWD, STACK, os.O_RDWR, 0))
     assert call.stack == b"/nonexistent/ksmtest\0"
     assert call.purpose == HAND_OUT == "hand out the SMA fd"
     assert up.borrows == {TID: borrow}
-    assert list(up.device.engine.smas.values()) == [borrow.sma]
+    assert list(up.device.engine.smas.values()) == [sma_of(borrow)]
 
 
 def test_the_borrowed_threads_open_is_bound_to_the_sma_and_no_other(up):
@@ -197,7 +199,7 @@ def test_the_borrowed_threads_open_is_bound_to_the_sma_and_no_other(up):
     other = open_fh(up, pid=TID + 1)  # another thread opening the device meanwhile
     assert isinstance(up.device.files[other], DeviceFile)
     mine = open_fh(up)
-    assert up.device.files[mine] == SmaFile(mine, borrow.sma)
+    assert up.device.files[mine] == SmaFile(mine, sma_of(borrow))
     assert borrow.opened is up.device.files[mine]
     again = open_fh(up)  # the thread opens only once while borrowed
     assert isinstance(up.device.files[again], DeviceFile)
@@ -210,11 +212,11 @@ def test_a_successful_hand_out(up, caplog):
     assert borrow.replied
     sma_fh = open_fh(up)
     assert up.borrows == {TID: borrow}  # still in flight until the borrowed call returns
-    assert up.borrowed(borrow, 7) is None
+    assert up.borrowed(borrow, (7,)) is None
     assert up.borrows == {}
-    assert f"SMA {borrow.sma.id} handed to tid {TID} as fd 7" in caplog.text
+    assert f"SMA {sma_of(borrow).id} handed to tid {TID} as fd 7" in caplog.text
     # The SMA lives on behind its file.
-    assert up.device.engine.smas == {borrow.sma.id: borrow.sma}
+    assert up.device.engine.smas == {sma_of(borrow).id: sma_of(borrow)}
     req = ioctl(sma_fh, abi.KSM_REMOVE_MEMORY_REGION)
     assert up.receive(req) == p.reply_ioctl(req.unique, 0)
     assert up.receive(p.Release(3, TID, sma_fh, 0)) == p.reply_empty(3)
@@ -265,7 +267,7 @@ def test_hand_outs_to_two_threads_are_kept_apart(up):
     assert up.borrows == {11: a, 12: b}
     fh_b = open_fh(up, pid=12)
     fh_a = open_fh(up, pid=11)
-    assert up.device.files[fh_a].sma is a.sma and up.device.files[fh_b].sma is b.sma
+    assert up.device.files[fh_a].sma is sma_of(a) and up.device.files[fh_b].sma is sma_of(b)
     up.borrow_failed(a, errno.ETIMEDOUT, "too slow")
     assert up.borrows == {12: b}
-    assert list(up.device.engine.smas.values()) == [b.sma]
+    assert list(up.device.engine.smas.values()) == [sma_of(b)]

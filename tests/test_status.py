@@ -10,6 +10,7 @@ from pathlib import Path
 import trio
 
 from cuse_ksm import controlfs, kksmd, status
+from cuse_ksm.controltree import ControlTree
 from cuse_ksm.engine import Engine
 from tests.conftest import mount_dir, needs_fuse, python, run
 from tests.engine.fakes import FakeSpace, page
@@ -51,10 +52,39 @@ def test_report_shows_counters_savings_and_processes(tmp_path: Path) -> None:
     assert table["pages_sharing"] == ["510", "1.99"]  # 510 * 4096 bytes
     assert table["pages_shared"] == ["2", "0.01"]
     assert table["full_scans"] == ["4"]  # not pages: no MiB
-    assert "saved: 1.99 MiB (510 pages: pages_sharing)" in lines
+    # Emulated figures: nothing is shared, and the report must not read as if it were.
+    assert "would save: 1.99 MiB (510 pages: pages_sharing)" in lines
+    assert "would cost: 0.01 MiB (2 shared pages kept: pages_shared)" in lines
+    assert not any(line.startswith("saved") for line in lines)
+    assert "no memory is shared: these are the emulator's figures (--merge kernel shares for real)" in lines
     assert "sharing ratio: 255.0 sites per shared page" in lines
     assert lines[-2].split() == ["pid", "regions", "pages", "merged", "MiB", "merged"]
     assert lines[-1].split() == ["1234", "2", "520", "512", "2.00"]
+
+
+def test_kernel_mode_shows_what_is_really_shared(tmp_path: Path) -> None:
+    host = {"host_pages_shared": 4, "host_pages_sharing": 16380, "host_ksm_merging_pages": 16384}
+    directory = fake_dir(tmp_path, {**VALUES, **host})
+    (directory / "processes" / "1234" / "host_ksm_merging_pages").write_text("16384\n")
+    lines = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert "would save: 1.99 MiB (510 pages: pages_sharing)" in lines  # the emulated figures stay
+    assert "really shared (host KSM): 16384 pages (64.00 MiB) of the registered processes" in lines
+    assert (
+        "  host-wide: pages_shared 4, pages_sharing 16380: 63.98 MiB saved, counting every user of KSM on the host"
+        in lines
+    )
+    assert not any(line.startswith("no memory is shared") for line in lines)
+    assert lines[-2].split() == ["pid", "regions", "pages", "merged", "MiB", "merged", "host", "merged"]
+    assert lines[-1].split() == ["1234", "2", "520", "512", "2.00", "16384"]
+
+
+def test_a_kernels_own_directory_shows_real_savings(tmp_path: Path) -> None:
+    """``--dir /sys/kernel/mm/ksm``: no processes/, and its counters are real sharing."""
+    for name, value in VALUES.items():
+        (tmp_path / name).write_text(f"{value}\n")
+    lines = status.render(status.read_snapshot(str(tmp_path))).splitlines()
+    assert "saved: 1.99 MiB (510 pages: pages_sharing)" in lines
+    assert not any(line.startswith(("would", "no memory")) for line in lines)
 
 
 def test_scanner_states(tmp_path: Path) -> None:
@@ -132,12 +162,12 @@ async def test_status_of_a_live_mount(nursery: trio.Nursery) -> None:
     engine.set_kthread(0, 64, 1)
     with mount_dir() as path:
         await nursery.start(kksmd.run, engine)
-        await nursery.start(controlfs.serve, engine, path)
+        await nursery.start(controlfs.serve, ControlTree(engine), path)
         with trio.fail_after(10):
             while engine.counters().pages_sharing != 63:
                 await trio.sleep(0.01)
         result = await run(sys.executable, "-m", "cuse_ksm", "status", "--dir", path)
         assert result.returncode == 0, result.stderr
-        assert "saved: 0.25 MiB (63 pages: pages_sharing)" in result.stdout
+        assert "would save: 0.25 MiB (63 pages: pages_sharing)" in result.stdout
         assert result.stdout.splitlines()[-1].split() == ["777", "1", "64", "64", "0.25"]
         nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from cuse_ksm.device import KsmDevice
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.procmem import ProcessMemory
 from cuse_ksm.session import Borrow, CuseSession, Output
+from tests.conftest import sma_of
 
 ARG = 0x7FFF0000
 
@@ -110,7 +111,7 @@ def test_sma_calls_name_the_sma(traced, caplog):
     borrow = c.create(c.open())
     traced.complete_ioctl(borrow)
     fh = c.open()
-    traced.borrowed(borrow, 9)
+    traced.borrowed(borrow, (9,))
     caplog.clear()
     buf = bytearray(2 * abi.PAGE_SIZE)
     region = abi.MemoryRegion(npages=2, addr=id(buf), pad=0xCCCCCCCC, reserved_bits=0xDEAD).pack()
@@ -118,7 +119,7 @@ def test_sma_calls_name_the_sma(traced, caplog):
     c.ioctl(fh, abi.KSM_GET_API_VERSION)
     c.ioctl(fh, abi.KSM_REMOVE_MEMORY_REGION, arg=0)
     lines = trace_lines(caplog)
-    n = borrow.sma.id
+    n = sma_of(borrow).id
     expected = [
         rf"trace: pid {pid} sma#{n} KSM_REGISTER_MEMORY_REGION "
         rf"\{{npages=2, pad=0xcccccccc, addr={id(buf):#x}, reserved_bits=0xdead\}} = 0",
@@ -137,7 +138,7 @@ def test_hand_outs_and_32bit(traced, caplog):
     assert trace_lines(caplog) == []  # traced when it ends
     traced.complete_ioctl(ok)
     c.open()
-    traced.borrowed(ok, 7)
+    traced.borrowed(ok, (7,))
     refused = c.create(fh)
     traced.borrow_failed(refused, errno.EBUSY, "already traced")
     stopped = c.create(fh)
@@ -145,7 +146,7 @@ def test_hand_outs_and_32bit(traced, caplog):
     c.ioctl(fh, abi.KSM_GET_API_VERSION, is_32bit=True)
     lines = trace_lines(caplog)
     expected = [
-        rf"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = 7 \(sma#{ok.sma.id}\)" + TIME,
+        rf"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = 7 \(sma#{sma_of(ok).id}\)" + TIME,
         r"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = -1 EBUSY \(.*\)" + TIME,
         r"trace: pid 55 /nonexistent/ksmtest KSM_CREATE_SHARED_MEMORY_AREA 0 = -1 EINTR \(.*\)" + TIME,
         r"trace: pid 55 /nonexistent/ksmtest KSM_GET_API_VERSION 0x7fff0000 = -1 ENOTTY \(.*\)"

@@ -74,6 +74,9 @@ class Slot:
     no: int = 0
     # Set when the slot left the registry, or its address space died.
     gone: bool = False
+    # --merge kernel: what the caller's madvise(MADV_MERGEABLE) of the region
+    # achieved ("pending", "ok" or an errno's name); "" in emulation.
+    host_advice: str = ""
 
     @property
     def base(self) -> int:

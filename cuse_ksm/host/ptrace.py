@@ -8,12 +8,15 @@ nothing carries a file descriptor from the daemon into the caller.  So we make
 the caller open the fd *itself*, on its way back from the ioctl, by borrowing
 the calling thread T for one extra system call with ptrace(2).
 
-The mechanism is not specific to openat.  What T is made to run is a
-:class:`~cuse_ksm.host.syscall.Syscall`: a number, up to six arguments, and
-bytes to place on T's stack for the arguments that point at memory (openat's
-path).  Anything only the caller can do for itself, such as marking its own
-memory mergeable with madvise(), is one more such description; the steps
-below are the same for every call.
+The mechanism is not specific to openat.  What T is made to run is an
+:class:`~cuse_ksm.host.syscall.Errand`: one or more
+:class:`~cuse_ksm.host.syscall.Syscall` (a number, up to six arguments, and
+bytes to place on T's stack for the arguments that point at memory, such as
+openat's path), and what T's own syscall returns afterwards.  Anything only
+the caller can do for itself, such as marking its own memory mergeable with
+madvise() (``--merge kernel``), is one more such description; the steps
+below are the same for every call, and an errand of several calls repeats
+steps 7 and 8 (rewind, set up the next call) before the final restore.
 
 The sequence, and why each step is safe:
 
@@ -146,7 +149,7 @@ import trio
 
 from cuse_ksm.host import procfs
 from cuse_ksm.host.libc import Iovec, libc, process_vm_readv, process_vm_writev
-from cuse_ksm.host.syscall import NR_IOCTL, BorrowError, Syscall
+from cuse_ksm.host.syscall import NR_IOCTL, BorrowError, Errand, Syscall
 
 __all__ = ["borrow", "borrow_from_ioctl"]
 
@@ -313,14 +316,18 @@ class _Borrow:
     def __init__(
         self,
         tid: int,
-        call: Syscall,
+        errand: Errand,
         reply: Callable[[], None],
         expect_syscall: int | None,
         timeout: float,
         grace: float,
     ) -> None:
         self.tid = tid
-        self.call = call
+        self.errand = errand
+        self.index = 0  # the call of the errand under way
+        self.results: list[int] = []  # of the calls done
+        # Where each call's stack bytes start within the errand's.
+        self.offsets = [sum(len(c.stack) for c in errand.calls[:i]) for i in range(len(errand.calls))]
         self.reply = reply
         self.expect_syscall = expect_syscall
         self.timeout = timeout
@@ -340,6 +347,11 @@ class _Borrow:
         self.max_delay = MAX_POLL_DELAY
 
     # -- plumbing -----------------------------------------------------------
+
+    @property
+    def call(self) -> Syscall:
+        """The call of the errand under way (the one error messages speak of)."""
+        return self.errand.calls[self.index]
 
     def _error(self, err: int, message: str) -> BorrowError:
         return BorrowError(err, message)
@@ -411,7 +423,7 @@ class _Borrow:
 
     # -- the state machine --------------------------------------------------
 
-    async def run(self) -> int:
+    async def run(self) -> tuple[int, ...]:
         try:
             _ptrace(PTRACE_SEIZE, self.tid, 0, PTRACE_O_TRACESYSGOOD)
         except OSError as exc:
@@ -451,7 +463,7 @@ class _Borrow:
             EPERM, f"not permitted to ptrace thread {tid} (no CAP_SYS_PTRACE, or Yama/LSM policy); {cannot}"
         )
 
-    async def _attached(self) -> int:
+    async def _attached(self) -> tuple[int, ...]:
         try:
             try:
                 status = procfs.status(self.tid)
@@ -488,7 +500,7 @@ class _Borrow:
                 raise self._error(EIO, f"borrowing thread {self.tid} for {self.call.name} failed: {exc}") from exc
             raise
 
-    async def _drive(self, deadline: float) -> int:
+    async def _drive(self, deadline: float) -> tuple[int, ...]:
         while True:
             status = await self._wait(deadline)
             self.last_stop = self._classify(status)
@@ -508,7 +520,7 @@ class _Borrow:
         self.signals.append(bytes(info))
         return "signal"
 
-    def _act(self, kind: str) -> int | None:
+    def _act(self, kind: str) -> tuple[int, ...] | None:
         if self.phase is _Phase.FIRST:
             return self._at_first_stop()
         if kind == "syscall":
@@ -523,7 +535,7 @@ class _Borrow:
         self._resume()
         return None
 
-    def _at_first_stop(self) -> int | None:
+    def _at_first_stop(self) -> tuple[int, ...] | None:
         tid = self.tid
         if self.saved is None:
             regs = self._getregs()
@@ -569,12 +581,12 @@ class _Borrow:
             )
         self.saved_mask = self._sigmask(PTRACE_GETSIGMASK)
         self._sigmask(PTRACE_SETSIGMASK, ALL_SIGNALS)
-        stack = self.call.stack
+        stack = self.errand.stack
         if stack:
             addr = (saved.rsp - RED_ZONE - STACK_GAP - len(stack)) & ~0xF
             self.stack_saved = self._mem(lambda: _read_mem(tid, addr, len(stack)), "read the stack")
             self.stack_addr = addr
-            self._mem(lambda: _write_mem(tid, addr, stack), f"write the {self.call.name} arguments to the stack")
+            self._mem(lambda: _write_mem(tid, addr, stack), f"write the {self.errand} arguments to the stack")
         self._arm()
         self.phase = _Phase.ENTRY
         self._resume()
@@ -587,13 +599,14 @@ class _Borrow:
         regs.rip = self.saved.rip - len(SYSCALL_INSN)
         regs.rax = self.call.nr
         regs.orig_rax = _U64  # -1: no syscall to restart (step 7)
-        args = [arg & _U64 if isinstance(arg, int) else self.stack_addr for arg in self.call.args]
+        stack = self.stack_addr + self.offsets[self.index]
+        args = [arg & _U64 if isinstance(arg, int) else stack for arg in self.call.args]
         args += [0] * (len(_ARG_REGS) - len(args))
         for name, value in zip(_ARG_REGS, args, strict=True):
             setattr(regs, name, value)
         self._setregs(regs)
 
-    def _at_entry(self) -> int | None:
+    def _at_entry(self) -> tuple[int, ...] | None:
         regs = self._getregs()
         nr = _signed(regs.orig_rax)
         if nr != self.call.nr:
@@ -612,7 +625,7 @@ class _Borrow:
         self._resume()
         return None
 
-    def _at_exit(self) -> int | None:
+    def _at_exit(self) -> tuple[int, ...] | None:
         result = _signed(self._getregs().rax)
         if result in RESTART_CODES:
             # The call was interrupted (a group-stop, SIGSTOP, our own
@@ -625,10 +638,23 @@ class _Borrow:
             self.phase = _Phase.ENTRY
             self._resume()
             return None
+        self.results.append(result)
+        failed = result < 0 and self.errand.returns is None
+        if not failed and self.index + 1 < len(self.errand.calls) and not self.abort_errno:
+            # The next call of the errand: T is at the syscall exit, as at
+            # the first stop, so the same rewind sets it up (step 7).
+            self.index += 1
+            self._arm()
+            self.phase = _Phase.ENTRY
+            self._resume()
+            return None
+        if self.abort_errno and len(self.results) < len(self.errand.calls):
+            self._release(-self.abort_errno)
+            raise self._error(self.abort_errno, self.abort_reason)
         self._release(result)
-        if result < 0:
+        if failed:
             raise self._error(-result, f"thread {self.tid} could not {self.call.what}: {os.strerror(-result)}")
-        return result
+        return tuple(self.results)
 
     def _refuse(self, err: int, message: str) -> NoReturn:
         self._release(-err)
@@ -639,9 +665,13 @@ class _Borrow:
 
         rax None leaves the registers alone.  skip_syscall, at a syscall-entry
         stop, sets orig_rax = -1 so that the kernel skips the syscall and
-        T sees rax as its result.
+        T sees rax as its result.  An errand with a fixed result
+        (:attr:`Errand.returns`) gives T that instead of any rax, failures
+        included.
         """
         tid = self.tid
+        if rax is not None and self.errand.returns is not None:
+            rax = self.errand.returns
         if rax is not None and self.saved is not None:
             regs = UserRegs.from_buffer_copy(self.saved)
             regs.rax = rax & _U64
@@ -692,7 +722,7 @@ class _Borrow:
 
     # -- getting out when things go wrong -------------------------------------
 
-    async def _abort(self, err: int, why: str) -> int:
+    async def _abort(self, err: int, why: str) -> tuple[int, ...]:
         """Get T back as soon as possible, failing its syscall with err."""
         if not self.abort_errno:
             self.abort_errno, self.abort_reason = err, why
@@ -746,10 +776,10 @@ class _Borrow:
             log.exception("releasing thread %d failed", self.tid)
         else:
             log.warning(
-                "thread %d got %d from its borrowed %s after that had been reported as failed",
+                "thread %d got %s from its borrowed %s after that had been reported as failed",
                 self.tid,
                 result,
-                self.call.name,
+                self.errand,
             )
 
     async def _reap(self) -> str | None:
@@ -776,14 +806,14 @@ class _Borrow:
 
 async def borrow(
     tid: int,
-    call: Syscall,
+    errand: Errand,
     reply: Callable[[], None],
     *,
     expect_syscall: int | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     grace: float = DEFAULT_GRACE,
-) -> int:
-    """Make thread `tid`, blocked in a syscall, run `call` and return from its syscall with that result.
+) -> tuple[int, ...]:
+    """Make thread `tid`, blocked in a syscall, run `errand`'s calls and return from its syscall.
 
     The thread T must be blocked in the syscall the daemon is about to answer
     (the CUSE ioctl), entered with the 64-bit `syscall` instruction.  T is
@@ -791,12 +821,15 @@ async def borrow(
     at all when the borrow fails before T is interrupted: see below) to complete
     that syscall; its result is a placeholder, because whenever T is still
     alive afterwards, this function sets the syscall's final result itself:
-    the call's result on success, -errno on failure.  T then makes `call`
-    as its own (for openat: opens the path relative to its cwd, in its own
-    process), and its syscall returns that result.
+    by default the last call's result on success, -errno on failure; an
+    errand with a fixed `returns` gives T that value in every case.  T
+    makes each call as its own (for openat: opens the path relative to its
+    cwd, in its own process).
 
-    Returns the call's result (>= 0) as seen by T.  Raises BorrowError, whose
-    .errno is the errno the ioctl fails with.  Whether reply() was called is
+    Returns each call's result as seen by T (>= 0, or -errno for a call that
+    failed in an errand with a fixed result).  Raises BorrowError, whose
+    .errno says what went wrong (and, without a fixed result, is what T's
+    syscall fails with).  Whether reply() was called is
     the one fact that says whether the caller must still answer the ioctl:
     if it was not (EBUSY, EPERM; ESRCH, EIO or ENOSYS before T was
     interrupted), nothing was done to T; once it was, T's result is ours to
@@ -817,7 +850,8 @@ async def borrow(
       EFAULT     T's stack below the red zone is not writable.
       errno of the call in T, e.g. for openat ENOENT, EACCES, EMFILE: T's
                  registers, stack and signal mask are restored and its
-                 syscall fails with that errno.
+                 syscall fails with that errno (without a fixed result;
+                 with one, the failure is only among the results).
       ETIMEDOUT  T did not get through within `timeout` seconds.  It gets a
                  further `grace` seconds to reach a stop where it can be
                  released (failing with ETIMEDOUT); if even that fails it is
@@ -830,16 +864,17 @@ async def borrow(
     """
     if tid <= 0:
         raise ValueError(f"bad thread id {tid}")
-    if len(call.stack) > STACK_MAX:
-        raise ValueError(f"{call.name}: {len(call.stack)} bytes for the stack, at most {STACK_MAX}")
+    if len(errand.stack) > STACK_MAX:
+        raise ValueError(f"{errand}: {len(errand.stack)} bytes for the stack, at most {STACK_MAX}")
     if timeout <= 0 or grace <= 0:
         raise ValueError("timeout and grace must be positive")
     if os.uname().machine != "x86_64":
-        raise BorrowError(ENOSYS, f"borrowing a thread is only implemented for x86_64; cannot {call.purpose}")
-    return await _Borrow(tid, call, reply, expect_syscall, timeout, grace).run()
+        purpose = errand.calls[0].purpose
+        raise BorrowError(ENOSYS, f"borrowing a thread is only implemented for x86_64; cannot {purpose}")
+    return await _Borrow(tid, errand, reply, expect_syscall, timeout, grace).run()
 
 
-async def borrow_from_ioctl(tid: int, call: Syscall, reply: Callable[[], None]) -> int:
+async def borrow_from_ioctl(tid: int, errand: Errand, reply: Callable[[], None]) -> tuple[int, ...]:
     """:func:`borrow` as the daemon uses it: only ever hijack the return of T's ioctl.
 
     The caller is held in its ioctl until we reply, so that is the syscall it
@@ -852,7 +887,8 @@ async def borrow_from_ioctl(tid: int, call: Syscall, reply: Callable[[], None]) 
     gets EPERM, as any thread we may not trace does.
     """
     if tid <= 0:
+        purpose = errand.calls[0].purpose
         raise BorrowError(
-            EPERM, f"the caller is outside the daemon's pid namespace (thread id {tid}); cannot {call.purpose}"
+            EPERM, f"the caller is outside the daemon's pid namespace (thread id {tid}); cannot {purpose}"
         )
-    return await borrow(tid, call, reply, expect_syscall=NR_IOCTL)
+    return await borrow(tid, errand, reply, expect_syscall=NR_IOCTL)

@@ -4,16 +4,20 @@ Some things the 2009 driver did inside its caller's ioctl only the caller
 itself can do: a new fd appears in the process that opens it.  So the daemon
 borrows the calling thread, while that thread is held in our ioctl, for one
 system call of its own (:mod:`cuse_ksm.host.ptrace` explains how).  This
-module says *which* call, as plain data the session can build and tests can
+module says *which* calls, as plain data the session can build and tests can
 compare, without loading the mechanism: a :class:`Syscall` is the number,
 up to six arguments and bytes to place on the caller's stack for the
-arguments that point at memory.  Handing out an SMA fd is one case
-(:func:`openat`); making the caller mark its own memory mergeable at
-REGISTER would be another, ``madvise(addr, len, MADV_MERGEABLE)``, with no
-stack bytes.
+arguments that point at memory, and an :class:`Errand` is the calls one
+borrow makes, in order, with what the thread's own system call returns
+afterwards.  Two uses today:
 
-The borrowed call runs as the thread's own, so what the thread gets back
-from its ioctl is that call's result: the fd, 0, or -errno.
+* the SMA fd hand-out, ``openat()`` of the device (:func:`openat`): the
+  thread's ioctl returns the open's result, the new fd;
+* ``--merge kernel``: REGISTER makes the caller ``madvise(MADV_MERGEABLE)``
+  its region, and REMOVE ``madvise(MADV_UNMERGEABLE)`` what it no longer
+  registers (:func:`madvise`), so that the host kernel's KSM merges exactly
+  what the 2009 ABI registered; the ioctl returns 0 as the 2009 driver's did,
+  whatever madvise answered.
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from typing import Final
 
 # x86_64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 NR_IOCTL: Final = 16
+NR_MADVISE: Final = 28
 NR_OPENAT: Final = 257
+
+# madvise() advice (<asm-generic/mman-common.h>).
+MADV_MERGEABLE: Final = 12
+MADV_UNMERGEABLE: Final = 13
+_ADVICE_WHAT: Final = {MADV_MERGEABLE: "mergeable", MADV_UNMERGEABLE: "unmergeable"}
 
 AT_FDCWD: Final = -100
 PATH_MAX: Final = 4096
@@ -88,6 +98,56 @@ def openat(path: bytes, flags: int, *, purpose: str) -> Syscall:
     )
 
 
+def madvise(addr: int, length: int, advice: int, *, purpose: str) -> Syscall:
+    """``madvise(addr, length, advice)`` on the thread's own memory (MADV_MERGEABLE or MADV_UNMERGEABLE).
+
+    Only a process can give advice about its own mappings: process_madvise()
+    takes neither of these two, and prctl(PR_SET_MEMORY_MERGE) (Linux 6.4)
+    covers a whole process, not a registered range.
+    """
+    what = _ADVICE_WHAT.get(advice)
+    if what is None:
+        raise ValueError(f"advice {advice} is neither MADV_MERGEABLE nor MADV_UNMERGEABLE")
+    if not 0 <= addr < 1 << 64 or not 0 < length <= (1 << 64) - addr:
+        raise ValueError(f"bad range {addr:#x} + {length:#x}")
+    return Syscall(
+        "madvise",
+        NR_MADVISE,
+        (addr, length, advice),
+        what=f"mark {addr:#x}-{addr + length:#x} {what}",
+        purpose=purpose,
+    )
+
+
+@dataclass(frozen=True)
+class Errand:
+    """What one borrow makes the thread do: ``calls``, in order, and what its system call returns then.
+
+    ``returns`` None: the thread's system call returns the last call's
+    result (the hand-out's fd), and a call that fails ends the errand there,
+    its errno becoming the thread's result.  ``returns`` a number: the
+    thread gets that number whatever the calls did, and whatever became of
+    the borrow (REGISTER's 0: the 2009 driver validated nothing and always
+    returned 0); every call runs, and a failing one shows as -errno among
+    the results.
+    """
+
+    calls: tuple[Syscall, ...]
+    returns: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.calls:
+            raise ValueError("an errand makes at least one system call")
+
+    @property
+    def stack(self) -> bytes:
+        """Every call's stack bytes, back to back (each call's :data:`STACK` points at its own)."""
+        return b"".join(call.stack for call in self.calls)
+
+    def __str__(self) -> str:
+        return ", ".join(call.name for call in self.calls)
+
+
 class BorrowError(Exception):
     """The borrowed system call did not run, or failed.
 
@@ -107,9 +167,9 @@ class BorrowError(Exception):
         return str(self.args[0])
 
 
-# borrow(tid, call, reply) -> the call's result (>= 0) in thread tid; raises BorrowError.
+# borrow(tid, errand, reply) -> each call's result in thread tid; raises BorrowError.
 # reply() completes the system call the thread is held in: the borrower calls
 # it at most once, when it is safe to (cuse_ksm.host.ptrace, step 3).  Once it
 # has, the thread's result is the borrower's to set, failure included, so the
 # caller must not answer that system call again; until then, it must.
-Borrower = Callable[[int, Syscall, Callable[[], None]], Awaitable[int]]
+Borrower = Callable[[int, Errand, Callable[[], None]], Awaitable[tuple[int, ...]]]
