@@ -1,7 +1,12 @@
 """The command line, where no CUSE is needed."""
 
+import subprocess
+import sys
+
+import pytest
+
 from cuse_ksm.cli import build_parser
-from tests.conftest import python
+from tests.conftest import ROOT, needs_root, python
 
 
 def test_no_cuse_is_one_clear_error(tmp_path):
@@ -41,3 +46,37 @@ def test_status_subcommand_parses():
     assert (args.command, args.dir, args.watch, args.count) == ("status", "/d", 2.0, 0)
     assert p.parse_args(["status", "--watch", "0.5"]).watch == 0.5
     assert p.parse_args(["status"]).watch is None
+
+
+def run_without_host_ksm(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The daemon on a host whose kernel has no KSM: an empty tmpfs on /sys/kernel/mm hides ksm/, in a mount namespace."""
+    script = 'mount -t tmpfs none /sys/kernel/mm && exec "$@"'
+    return subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m", "cuse_ksm", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@needs_root
+@pytest.mark.parametrize("ksm", ["missing", "present"])
+def test_kernel_mode_refuses_a_host_without_ksm_in_one_line(tmp_path, ksm):
+    """Checked before anything else (the CUSE channel here is missing too); emulation does not care."""
+    missing = str(tmp_path / "cuse")
+    if ksm == "missing":
+        result = run_without_host_ksm("--merge", "kernel", "--cuse", missing)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0] == (
+            "cuse-ksm: ERROR: /sys/kernel/mm/ksm does not exist: this kernel has no KSM (CONFIG_KSM); "
+            "--merge kernel needs it (the default, --merge emulate, does not)"
+        )
+        result = run_without_host_ksm("--merge", "emulate", "--cuse", missing)
+    else:
+        result = python("-m", "cuse_ksm", "--merge", "kernel", "--cuse", missing)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "no CUSE" in lines[0]  # past the KSM check: on to the channel
