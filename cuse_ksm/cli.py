@@ -155,7 +155,9 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
         if host_ksm is not None:
             host = HostView(procfs.tgid, hostksm.mergeable_pages, hostksm.merging_pages, host_ksm.counters)
             follow_on_host(engine, host_ksm)
-            log.info("merging for real: registered memory is madvised mergeable for the host kernel's KSM")
+            found = " ".join(f"{k}={v}" for k, v in host_ksm.settings().items())
+            # Logged so that an administrator can put them back after a kill -9.
+            log.info("merging for real through the host kernel's KSM; its settings now: %s (restored at exit)", found)
         device = KsmDevice(engine, ProcessMemory.open, host=host)
         session = CuseSession(device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
         server = Server(channel, session, ptrace.borrow_from_ioctl)

@@ -5,12 +5,14 @@ that delivers one request per read, such as a SOCK_SEQPACKET socket in tests),
 hands each to the session (:mod:`cuse_ksm.session`, which decides every
 answer) and writes the reply at once: none of them waits on anything.  Under
 load, the replies to requests already queued are written as a batch (see
-``serve``).  The one slow request, CREATE_SHARED_MEMORY_AREA, must wait for
-its caller to run the injected ``openat`` - whose FUSE_OPEN comes through
-this very loop - so the session's :class:`~cuse_ksm.session.Borrow` runs in a
-task of its own and the loop keeps serving.  All tasks live in one nursery;
-cancelling it (SIGINT, SIGTERM) ends every hand-out cleanly, and closing the
-channel makes the kernel remove the device node.
+``serve``).  The slow requests are those that borrow their caller:
+CREATE_SHARED_MEMORY_AREA must wait for its caller to run the injected
+``openat`` - whose FUSE_OPEN comes through this very loop - and, with
+``--merge kernel``, REGISTER and REMOVE for its madvise.  So each
+:class:`~cuse_ksm.session.Borrow` runs in a task of its own and the loop keeps
+serving.  All tasks live in one nursery; cancelling it (SIGINT, SIGTERM) ends
+every borrow cleanly, and closing the channel makes the kernel remove the
+device node.
 """
 
 from __future__ import annotations

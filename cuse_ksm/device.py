@@ -136,6 +136,7 @@ class Advise:
 ADVICE_PENDING = "pending"
 ADVICE_OK = "ok"
 
+
 @dataclass(frozen=True)
 class HostView:
     """What kernel mode reads from the host: the OS adapters (host.procfs, host.hostksm), chosen in cli.py.
@@ -149,6 +150,7 @@ class HostView:
     # Pages of process tgid the host kernel merges now (None: gone, or not reported).
     merging_pages: Callable[[int], int | None]
     counters: Callable[[], HostCounters]  # the host kernel's own, for the whole host
+
 
 Outcome = Done | HandOut | Fetch | Advise
 
