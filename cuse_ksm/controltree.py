@@ -217,8 +217,10 @@ def regions_text(slots: list[Slot], host: HostView | None = None) -> bytes:
         lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
         return "".join(lines).encode()
     lines = [HOST_REGIONS_HEADER]
-    for s in slots:
-        _, mergeable = host.mergeable_pages(s.space.tgid, s.base, s.npages)
+    # The slots of one process file: one read of its smaps for all of them.
+    tgid = slots[0].space.tgid if slots else 0
+    seen = host.mergeable_pages(tgid, [(s.base, s.npages) for s in slots]) if slots else []
+    for s, (_, mergeable) in zip(slots, seen, strict=True):
         lines.append(f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged} {s.host_advice or '-'} {mergeable}\n")
     return "".join(lines).encode()
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import errno
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -145,8 +145,8 @@ class HostView:
     """
 
     tgid: Callable[[int], int]  # the process of a thread; ProcessLookupError once it is gone
-    # (mapped, mergeable) pages of [addr, addr + npages pages) in process tgid, as the host kernel sees them now.
-    mergeable_pages: Callable[[int, int, int], tuple[int, int]]
+    # (mapped, mergeable) pages of each (addr, npages) range in process tgid, as the host kernel sees them now.
+    mergeable_pages: Callable[[int, Sequence[tuple[int, int]]], list[tuple[int, int]]]
     # Pages of process tgid the host kernel merges now (None: gone, or not reported).
     merging_pages: Callable[[int], int | None]
     counters: Callable[[], HostCounters]  # the host kernel's own, for the whole host
@@ -326,7 +326,7 @@ class KsmDevice:
         if slot is not None:
             slot.host_advice = ADVICE_OK if results[0] == 0 else errno.errorcode.get(-results[0], str(-results[0]))
             if results[0] == 0 and self.host is not None:
-                mapped, mergeable = self.host.mergeable_pages(advise.tgid, slot.base, slot.npages)
+                [(mapped, mergeable)] = self.host.mergeable_pages(advise.tgid, [(slot.base, slot.npages)])
                 if mergeable < slot.npages:
                     notes.append(
                         f"only {mergeable} of the region's {slot.npages} pages are mergeable "

@@ -49,7 +49,7 @@ def test_status_subcommand_parses():
 
 
 def run_without_host_ksm(*argv: str) -> subprocess.CompletedProcess[str]:
-    """The daemon on a host whose kernel has no KSM: an empty tmpfs on /sys/kernel/mm hides ksm/, in a mount namespace."""
+    """The daemon where the kernel has no KSM: an empty tmpfs on /sys/kernel/mm hides ksm/, in a mount namespace."""
     script = 'mount -t tmpfs none /sys/kernel/mm && exec "$@"'
     return subprocess.run(
         ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m", "cuse_ksm", *argv],

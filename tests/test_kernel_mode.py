@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Sequence
 
 import pytest
 
@@ -37,9 +38,9 @@ class Host:
         self.merging = {A: 4096}
         self.asked: list[tuple[int, int, int]] = []
 
-    def mergeable_pages(self, tgid: int, addr: int, npages: int) -> tuple[int, int]:
-        self.asked.append((tgid, addr, npages))
-        return self.mergeable.get((tgid, addr, npages), (npages, npages))
+    def mergeable_pages(self, tgid: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        self.asked += [(tgid, addr, npages) for addr, npages in ranges]
+        return [self.mergeable.get((tgid, addr, npages), (npages, npages)) for addr, npages in ranges]
 
     def view(self) -> HostView:
         return HostView(

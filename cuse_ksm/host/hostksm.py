@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Final
 
@@ -160,28 +161,39 @@ def merging_pages(tgid: int) -> int | None:
     return int(text) if text else None
 
 
-def mergeable_pages(tgid: int, addr: int, npages: int) -> tuple[int, int]:
-    """(mapped, mergeable) pages of [addr, addr + npages * PAGE_SIZE) in process tgid, from /proc/PID/smaps.
+def mergeable_pages(tgid: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(mapped, mergeable) pages of each (addr, npages) range in process tgid, from /proc/PID/smaps.
 
     mapped: pages of the range inside any mapping; mergeable: those inside
     mappings whose VmFlags include ``mg`` (VM_MERGEABLE).  This is the truth
     after madvise: MADV_MERGEABLE returns 0 yet silently ignores MAP_SHARED
     mappings, and a partly unmapped range fails with ENOMEM after marking
-    the mapped parts.  (0, 0) if the process is gone.  The range is
-    intersected with each mapping arithmetically, so any npages and addr
+    the mapped parts.  (0, 0) for each range if the process is gone.  Ranges
+    are intersected with each mapping arithmetically, so any npages and addr
     cost the same; addr is page-aligned, as madvise requires.
+
+    One read of smaps serves every range: the kernel computes each
+    mapping's resident-set figures for it (a page-table walk, ~10 ms per
+    GiB resident), and the daemon's loop waits meanwhile.
     """
-    text = procfs.read(tgid, "smaps")
-    end = addr + npages * PAGE_SIZE
-    mapped = mergeable = inside = 0  # inside: bytes of the range in the mapping being read
-    for line in (text or "").splitlines():
+    text = procfs.read(tgid, "smaps") or ""
+    mappings: list[tuple[int, int, bool]] = []  # (low, high, VM_MERGEABLE)
+    for line in text.splitlines():
         if line[:1] in _HEX:
             start, _, rest = line.partition("-")
-            low, high = int(start, 16), int(rest[: rest.index(" ")], 16)
+            mappings.append((int(start, 16), int(rest[: rest.index(" ")], 16), False))
+        elif mappings and line.startswith("VmFlags:") and "mg" in line.split():
+            low, high, _ = mappings[-1]
+            mappings[-1] = (low, high, True)
+    out = []
+    for addr, npages in ranges:
+        end = addr + npages * PAGE_SIZE
+        mapped = mergeable = 0
+        for low, high, mg in mappings:
             if low >= end:  # mappings come in address order: none further can overlap
                 break
             inside = max(0, min(high, end) - max(low, addr))
             mapped += inside
-        elif inside and line.startswith("VmFlags:") and "mg" in line.split():
-            mergeable += inside
-    return mapped // PAGE_SIZE, mergeable // PAGE_SIZE
+            mergeable += inside if mg else 0
+        out.append((mapped // PAGE_SIZE, mergeable // PAGE_SIZE))
+    return out
