@@ -323,7 +323,16 @@ class KsmDevice:
                 hint = _MADVISE_ERRORS.get(-result, "")
                 notes.append(f"madvise({addr:#x}, {length:#x}) failed with {name}{hint}")
         slot = advise.slot
-        if slot is not None:
+        if slot is not None and slot.gone and results[0] == 0:
+            # Another thread of the process removed the region (or the last
+            # close came) while this thread was on its way to its madvise.
+            # If REMOVE's MADV_UNMERGEABLE ran first, this advice outlives
+            # the region, and no thread is left to take it back.
+            notes.append(
+                f"the region at {slot.addr:#x} was removed while its madvise ran: "
+                "the host kernel may keep it mergeable until the process exits"
+            )
+        elif slot is not None:
             slot.host_advice = ADVICE_OK if results[0] == 0 else errno.errorcode.get(-results[0], str(-results[0]))
             if results[0] == 0 and self.host is not None:
                 [(mapped, mergeable)] = self.host.mergeable_pages(advise.tgid, [(slot.base, slot.npages)])

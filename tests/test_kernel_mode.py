@@ -210,6 +210,18 @@ def test_stopping_the_daemon_mid_madvise_answers_0(up: CuseSession) -> None:
     assert up.borrow_cancelled(borrow) == p.reply_ioctl(borrow.request.unique, 0)
 
 
+def test_a_region_removed_while_its_madvise_runs_is_reported(up: CuseSession, caplog) -> None:
+    """Thread 1 is on its way to MADV_MERGEABLE when thread 2 REMOVEs: the advice outlives the region."""
+    fh = sma(up)
+    borrow = register(up, fh, BASE, 16)
+    assert isinstance(borrow, Borrow)
+    up.complete_ioctl(borrow)
+    unmerge = remove(up, fh, tid=A + 2)
+    assert isinstance(unmerge, Borrow)
+    up.borrowed(borrow, (0,))  # the MERGEABLE ran after REMOVE's answer
+    assert f"the region at {BASE:#x} was removed while its madvise ran" in caplog.text
+
+
 # -- REMOVE ----------------------------------------------------------------------------
 
 
