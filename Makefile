@@ -133,7 +133,7 @@ bench-cuse:
 	VM_PASS_ENV="SECONDS_EACH PROCS LAYOUTS" PYTHON=$$(command -v $(PYTHON)) tests/vm/run bench/cuse_c/compare.sh
 
 # Issue 12's measurements of --merge kernel (bench/cuse_c/kernel_merge.sh):
-# 1 GiB of dup50, 3 rounds, in a 4 GiB VM.  MIB, ROUNDS, PAGES_TO_SCAN,
+# 1 GiB of dup50, 5 rounds, in a 4 GiB VM.  MIB, ROUNDS, PAGES_TO_SCAN,
 # SLEEP_US, REGIONS, REGION_PAGES, REG_ROUNDS, EMULATE_ROUNDS (the script's
 # header says what they are) and VM_MEMORY pass through.
 bench-kernel: bench-c

@@ -33,7 +33,7 @@
 # Prints every RESULT line, then a summary: medians, the ratio (a)/(b) of the
 # merge times ("RATIO a_over_b=..."), REGISTER p50/p99 per mode.
 #
-# Environment: MIB (default 1024), ROUNDS (3), PAGES_TO_SCAN (100000), SLEEP_US
+# Environment: MIB (default 1024), ROUNDS (5), PAGES_TO_SCAN (100000), SLEEP_US
 # (0), MERGE_TIMEOUT (seconds per merge, 900), REGIONS (500), REGION_PAGES (4),
 # REG_ROUNDS (2), EMULATE_ROUNDS (1).  tests/vm/bench-kernel-short.sh runs a small version.
 #
@@ -42,7 +42,7 @@
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 PYTHON=${PYTHON:-python3}
-mib=${MIB:-1024} rounds=${ROUNDS:-3} to_scan=${PAGES_TO_SCAN:-100000} sleep_us=${SLEEP_US:-0}
+mib=${MIB:-1024} rounds=${ROUNDS:-5} to_scan=${PAGES_TO_SCAN:-100000} sleep_us=${SLEEP_US:-0}
 merge_timeout=${MERGE_TIMEOUT:-900} regions=${REGIONS:-500} region_pages=${REGION_PAGES:-4}
 reg_rounds=${REG_ROUNDS:-2} emulate_rounds=${EMULATE_ROUNDS:-1}
 say() { printf 'kernel_merge.sh: %s\n' "$*"; }
