@@ -7,10 +7,13 @@
 #   make test      host tests, then the integration suite in one VM
 #   make test-host lint + tests that need no CUSE, on the oldest and on the
 #                  newest trio (with a short `python -m bench` among them)
-#   make test-vm   only the VM part, ending with a short bench/cuse_c/compare.sh
+#   make test-vm   only the VM part, ending with short passes of bench/cuse_c/compare.sh
+#                  and bench/cuse_c/kernel_merge.sh
 #   make lint      ruff, and mypy --strict (run with the newest trio's type hints)
 #   make bench     the scanner against the host kernel's KSM (root, ~4 min)
 #   make bench-cuse the request path against a C libfuse3 CUSE server, in the VM (~4 min)
+#   make bench-kernel --merge kernel against madvise() on the host kernel's KSM:
+#                  time to full merge, REGISTER latency, CPU, in the VM (~9 min)
 #   make soak      64 processes hammer the daemon for a minute in the VM (~4 min)
 #   make examples  build the historic C programs (examples/*.c) into examples/bin
 PYTHON ?= python3
@@ -40,7 +43,7 @@ NEWEST_STAMP := $(NEWEST)/.installed
 PIP_FLAGS := -q --disable-pip-version-check
 PYTEST_HOST := -m pytest -q --ignore=tests/integration tests
 
-.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-c bench-cuse soak clean
+.PHONY: setup apt pip newest test test-host test-vm demo lint c-tests selftests examples bench bench-c bench-cuse bench-kernel soak clean
 
 setup: apt pip newest
 
@@ -108,7 +111,8 @@ test-host: lint c-tests selftests examples $(NEWEST_STAMP)
 	done; exit $$rc
 
 # The VM run ends with a short pass of bench/cuse_c/compare.sh (1 s a cell,
-# tests/vm/bench-cuse-short.sh).  bench-c builds its C programs here, not
+# tests/vm/bench-cuse-short.sh) and one of bench/cuse_c/kernel_merge.sh
+# (16 MiB, tests/vm/bench-kernel-short.sh).  bench-c builds its C programs here, not
 # under the VM's software emulation.
 test-vm: c-tests selftests examples bench-c
 	VM_SHORT_BENCH=1 VM_PASS_ENV=VM_SHORT_BENCH PYTHON=$$(command -v $(PYTHON)) tests/vm/run
@@ -127,6 +131,14 @@ bench:
 # Both CPU layouts, 10 s per cell; SECONDS_EACH, PROCS and LAYOUTS pass through.
 bench-cuse:
 	VM_PASS_ENV="SECONDS_EACH PROCS LAYOUTS" PYTHON=$$(command -v $(PYTHON)) tests/vm/run bench/cuse_c/compare.sh
+
+# Issue 12's measurements of --merge kernel (bench/cuse_c/kernel_merge.sh):
+# 1 GiB of dup50, 5 rounds, in a 4 GiB VM.  MIB, ROUNDS, PAGES_TO_SCAN,
+# SLEEP_US, REGIONS, REGION_PAGES, REG_ROUNDS, EMULATE_ROUNDS (the script's
+# header says what they are) and VM_MEMORY pass through.
+bench-kernel: bench-c
+	VM_PASS_ENV="MIB ROUNDS PAGES_TO_SCAN SLEEP_US MERGE_TIMEOUT REGIONS REGION_PAGES REG_ROUNDS EMULATE_ROUNDS" \
+	    PYTHON=$$(command -v $(PYTHON)) tests/vm/run bench/cuse_c/kernel_merge.sh
 
 # The long load test (tests/integration/test_robust_soak.py), never part of
 # make test: 64 processes x 3 SMAs x 2 regions for 60 s with the scanner on.

@@ -4,8 +4,11 @@
 # arranges for every server started here to get SIGTERM on exit.
 #
 #   start_c_server NAME                 the C server as /dev/NAME
-#   start_daemon NAME [DIR [MODULE]]    python -m MODULE (default cuse_ksm) run
-#                                       from DIR (default .) as /dev/NAME
+#   start_daemon NAME [DIR [MODULE [ARG...]]]
+#                                       python -m MODULE (default cuse_ksm) run
+#                                       from DIR (default .) as /dev/NAME; ARGs,
+#                                       if any, replace --no-stats-dir
+#   stop_server NAME                    SIGTERM, then its exit status
 #   wait_for_servers                    until every server's node is up
 #   load CPUS MODE PROCS SECONDS NAME   ksm_load against /dev/NAME, clients
 #                                       on CPUS: prints its RESULT line; fails
@@ -26,8 +29,21 @@ start_c_server() {
 
 start_daemon() {
     # From DIR: `python -m` puts the cwd first on sys.path, so DIR's cuse_ksm runs.
-    (cd "${2:-.}" && exec "$PYTHON" -m "${3:-cuse_ksm}" --name "$1" --no-stats-dir --log-level warning) &
-    server_pid[$1]=$!
+    local name=$1 dir=${2:-.} module=${3:-cuse_ksm}
+    shift $(($# < 3 ? $# : 3))
+    (($#)) || set -- --no-stats-dir
+    (cd "$dir" && exec "$PYTHON" -m "$module" --name "$name" --log-level warning "$@") &
+    server_pid[$name]=$!
+}
+
+stop_server() {
+    local pid=${server_pid[$1]} rc
+    unset "server_pid[$1]"
+    kill -TERM "$pid"
+    wait "$pid"
+    rc=$?
+    ((rc == 0)) || say "server $1 (pid $pid) exited with status $rc after SIGTERM"
+    return "$rc"
 }
 
 wait_for_servers() {

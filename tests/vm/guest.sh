@@ -14,7 +14,9 @@
 #     must then be gone
 #  7. if VM_SHORT_BENCH=1 (make test-vm sets it): tests/vm/bench-cuse-short.sh,
 #     a 1-s-a-cell pass of bench/cuse_c/compare.sh that checks every table and
-#     ratio is printed, and no timing
+#     ratio is printed, and no timing; then tests/vm/bench-kernel-short.sh, one
+#     16 MiB round of bench/cuse_c/kernel_merge.sh (--merge kernel against
+#     madvise) that checks every run merged fully, and no timing
 #
 # Exit status: pytest's status if it failed, else 1 if any other step failed,
 # else 0.  The tests see CUSE_KSM_VM=1, CUSE_KSM_DEVICE=/dev/ksm and
@@ -151,11 +153,13 @@ if [[ -e $DEVICE ]]; then
     fail "device-left" "$DEVICE still exists after the daemon exited"
 fi
 
-# --- 7. the short request-path comparison --------------------------------------------
-# After the daemon above is gone: the comparison starts its own two servers.
+# --- 7. the short benchmark passes ---------------------------------------------------
+# After the daemon above is gone: each pass starts its own servers.
 if [[ ${VM_SHORT_BENCH:-} == 1 ]]; then
     log "running: tests/vm/bench-cuse-short.sh"
     tests/vm/bench-cuse-short.sh || fail "bench-cuse-short" "the short bench/cuse_c/compare.sh pass failed"
+    log "running: tests/vm/bench-kernel-short.sh"
+    tests/vm/bench-kernel-short.sh || fail "bench-kernel-short" "the short bench/cuse_c/kernel_merge.sh pass failed"
 fi
 
 finish "$pytest_rc"
