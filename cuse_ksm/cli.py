@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(madvise in the caller; START_STOP drives /sys/kernel/mm/ksm, restored at exit)",
     )
     p.add_argument(
+        "--cross-check",
+        action="store_true",
+        help="with --merge kernel, run the emulated scanner too, so that the 2009 counters stay live beside "
+        "the kernel's (it costs a CPU while ksmd merges; off, they stay at 0)",
+    )
+    p.add_argument(
         "--trace",
         action="store_true",
         help="log every ioctl as strace would show it: caller, file, request, struct, result, time",
@@ -176,13 +182,18 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(stop_on_signal)
-            await nursery.start(kksmd.run, engine)
+            if host_ksm is None or args.cross_check:
+                # In kernel mode the host's ksmd does the merging; our scanner
+                # would only recount it, at the cost of a whole CPU taken from
+                # ksmd (docs/benchmarks.md, "Really merging").
+                await nursery.start(kksmd.run, engine)
             if stats_dir:
                 # Imported here: pyfuse3 (libfuse3) is needed only by a daemon that mounts.
                 from cuse_ksm import controlfs
 
                 try:
-                    await nursery.start(controlfs.serve, controltree.ControlTree(engine, host), stats_dir)
+                    tree = controltree.ControlTree(engine, host, cross_check=args.cross_check)
+                    await nursery.start(controlfs.serve, tree, stats_dir)
                 except controlfs.MountError as e:
                     # The device matters more than its statistics: serve it anyway.
                     log.error("%s; running without control files", e)
@@ -203,7 +214,10 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
 
 
 def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None and args.cross_check and args.merge != "kernel":
+        parser.error("--cross-check goes with --merge kernel (in emulation the scanner always runs)")
     if args.command == "status":
         return status.run(args)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="cuse-ksm: %(levelname)s: %(message)s")

@@ -234,6 +234,8 @@ HOST_VALUES: dict[str, HostValue] = {
     "host_pages_sharing": lambda tree, host: host.counters().pages_sharing,
     # Only the registered processes: what /dev/ksm's users really got.
     "host_ksm_merging_pages": lambda tree, host: sum(host.merging_pages(t) or 0 for t in tree.tgids()),
+    # 1 when the emulated scanner runs beside ksmd (--cross-check); 0: the emulated counters stand still.
+    "cross_check": lambda tree, host: int(tree.cross_check),
 }
 
 
@@ -281,10 +283,14 @@ class ControlTree:
     only groups the registered regions by process to lay out directories.
     """
 
-    def __init__(self, engine: Engine, host: HostView | None = None) -> None:
-        """``host`` given: kernel mode, with the host kernel's figures beside the emulated ones."""
+    def __init__(self, engine: Engine, host: HostView | None = None, *, cross_check: bool = False) -> None:
+        """``host`` given: kernel mode, with the host kernel's figures beside the emulated ones.
+
+        ``cross_check``: in kernel mode, whether the emulated scanner runs too.
+        """
         self.engine = engine
         self.host = host
+        self.cross_check: bool = cross_check
         self._process_files = PROCESS_FILES if host is not None else PROCESS_FILES[:2]
         self._host_inodes = _HOST_INODES if host is not None else {}
 

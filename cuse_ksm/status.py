@@ -186,6 +186,8 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
     if shared:
         lines.append(f"sharing ratio: {sharing / shared:.1f} sites per shared page")
     host = "host_pages_sharing" in v
+    if host and not v.get("cross_check", 1):
+        lines.append("(the emulated scanner is paused in kernel mode, so these stay 0: --cross-check runs it)")
     if host:
         merging = v.get("host_ksm_merging_pages", 0)
         h_shared, h_sharing = v.get("host_pages_shared", 0), v.get("host_pages_sharing", 0)

@@ -24,6 +24,12 @@ def test_bad_options_are_refused():
         assert result.returncode == 2 and message in result.stderr
 
 
+def test_cross_check_goes_with_kernel_mode():
+    assert build_parser().parse_args(["--merge", "kernel", "--cross-check"]).cross_check is True
+    result = python("-m", "cuse_ksm", "--cross-check")
+    assert result.returncode == 2 and "--cross-check goes with --merge kernel" in result.stderr
+
+
 def test_group_and_mode_parse():
     args = build_parser().parse_args(["--mode", "0660", "--group", "0", "--name", "ksm2"])
     assert (args.mode, args.group, args.name) == (0o660, 0, "ksm2")

@@ -294,8 +294,11 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
     host.mergeable[(A, BASE + 64 * PAGE, 8)] = (3, 3)
     tree = ControlTree(up.device.engine, up.device.host)
     names = [name for name, _ in tree.entries(1)]
-    assert names[-4:] == ["host_pages_shared", "host_pages_sharing", "host_ksm_merging_pages", "processes"]
+    host_files = ["host_pages_shared", "host_pages_sharing", "host_ksm_merging_pages", "cross_check"]
+    assert names[-5:] == [*host_files, "processes"]
     read = lambda path: tree.read(tree.path(path) or 0)  # noqa: E731
+    assert read("cross_check") == b"0\n"  # the emulated scanner is paused by default in kernel mode
+    assert ControlTree(up.device.engine, up.device.host, cross_check=True).read(tree.path("cross_check") or 0) == b"1\n"
     assert read("host_pages_shared") == b"3\n"
     assert read("host_pages_sharing") == b"5000\n"
     assert read("host_ksm_merging_pages") == b"4096\n"  # the registered processes' only
@@ -315,7 +318,7 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
 def test_emulate_mode_has_no_host_files(up: CuseSession) -> None:
     finish(up, register(up, sma(up), BASE, 16))
     tree = ControlTree(up.device.engine)
-    assert not any(name.startswith("host_") for name, _ in tree.entries(1))
+    assert not any(name.startswith("host_") or name == "cross_check" for name, _ in tree.entries(1))
     assert tree.path("host_pages_sharing") is None
     assert tree.path(f"processes/{A}/host_ksm_merging_pages") is None
     assert tree.read(tree.path(f"processes/{A}/regions") or 0).splitlines()[0] == b"sma addr npages merged"

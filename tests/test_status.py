@@ -74,6 +74,10 @@ def test_kernel_mode_shows_what_is_really_shared(tmp_path: Path) -> None:
         in lines
     )
     assert not any(line.startswith("no memory is shared") for line in lines)
+    assert not any("paused" in line for line in lines)  # no cross_check file: nothing said about it
+    (directory / "cross_check").write_text("0\n")
+    paused = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert "(the emulated scanner is paused in kernel mode, so these stay 0: --cross-check runs it)" in paused
     assert lines[-2].split() == ["pid", "regions", "pages", "merged", "MiB", "merged", "host", "merged"]
     assert lines[-1].split() == ["1234", "2", "520", "512", "2.00", "16384"]
 
