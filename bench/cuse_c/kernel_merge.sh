@@ -5,8 +5,9 @@
 #   make bench-kernel                             (from the repository root, host)
 #   = tests/vm/run bench/cuse_c/kernel_merge.sh   with VM_MEMORY and the variables below
 #
-# Inside the VM: starts two daemons, /dev/ksmkb with --merge kernel and
-# /dev/ksmem with --merge emulate (each with its control files under
+# Inside the VM: starts three daemons, /dev/ksmkb with --merge kernel,
+# /dev/ksmkx with --merge kernel --cross-check and /dev/ksmem with --merge
+# emulate (each with its control files under
 # /run/cuse-ksm/NAME), then ROUNDS rounds of bench/cuse_c/bin/ksm_kmerge on
 # the dup50 workload of MIB MiB, each round in this order:
 #
@@ -15,9 +16,9 @@
 #                the host kernel's full merge
 #   (b) madvise  the same workload madvised by the program, the same knobs
 #                written to /sys/kernel/mm/ksm by it: until the same full merge
-#   (f) frozen   as (a), but the daemon is frozen (SIGSTOP) from START_STOP's
-#                return to the full merge: the front end's own cost, without
-#                the emulated scanner that (a) runs beside ksmd
+#   (x) cross    as (a), through /dev/ksmkx: the emulated scanner runs beside
+#                ksmd (--cross-check), what (a) did before it was paused by
+#                default
 #   (c) emulate  registered through /dev/ksmem: until the emulated scanner's
 #                full merge (nothing is really merged); only in the first
 #                EMULATE_ROUNDS (default 1) rounds: it takes ~10 times (a)
@@ -27,8 +28,8 @@
 # its first registration call to the full merge, the daemon's CPU time
 # (utime + stime) and ksmd's over that time.  Then REGISTER latency: REG_ROUNDS
 # (default 2) runs of `ksm_kmerge register` (REGIONS regions of REGION_PAGES
-# pages) against each daemon in turn.  Both daemons then get SIGTERM and must
-# exit 0, and the kernel-mode one must have put the host's KSM settings back.
+# pages) against /dev/ksmkb and /dev/ksmem in turn.  The daemons then get
+# SIGTERM and must exit 0, and the host's KSM settings must be back.
 #
 # Prints every RESULT line, then a summary: medians, the ratio (a)/(b) of the
 # merge times ("RATIO a_over_b=..."), REGISTER p50/p99 per mode.
@@ -56,9 +57,10 @@ knobs() { echo "run=$(<$ksm/run) pages_to_scan=$(<$ksm/pages_to_scan) sleep_mill
 knobs_before=$(knobs)
 
 start_daemon ksmkb . cuse_ksm --merge kernel --stats-dir /run/cuse-ksm/ksmkb
+start_daemon ksmkx . cuse_ksm --merge kernel --cross-check --stats-dir /run/cuse-ksm/ksmkx
 start_daemon ksmem . cuse_ksm --merge emulate --stats-dir /run/cuse-ksm/ksmem
 wait_for_servers
-for name in ksmkb ksmem; do
+for name in ksmkb ksmkx ksmem; do
     for ((i = 0; i < 300; i++)); do
         [[ -e /run/cuse-ksm/$name/run ]] && break
         sleep 0.1
@@ -69,7 +71,7 @@ done
 say "kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ { print int($2 / 1024) }' /proc/meminfo) MiB," \
     "THP $(sed 's/.*\[\(.*\)\].*/\1/' /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo '?');" \
     "KSM before: $knobs_before"
-say "workload dup50, $mib MiB; pages_to_scan $to_scan, sleep $sleep_us us; $rounds rounds of (a) dev (b) madvise (f) frozen, (c) emulate in $emulate_rounds"
+say "workload dup50, $mib MiB; pages_to_scan $to_scan, sleep $sleep_us us; $rounds rounds of (a) dev (b) madvise (x) cross-check, (c) emulate in $emulate_rounds"
 
 # Nothing merged, ksmd stopped: the state each kernel run starts from.
 unmerge_all() {
@@ -109,7 +111,7 @@ for ((round = 1; round <= rounds; round++)); do
     unmerge_all || status=1
     run b madvise "${merge_args[@]}" -D "${server_pid[ksmkb]}"
     unmerge_all || status=1
-    run f dev "${merge_args[@]}" -d /dev/ksmkb -D "${server_pid[ksmkb]}" -F
+    run x dev "${merge_args[@]}" -d /dev/ksmkx -D "${server_pid[ksmkx]}" -e /run/cuse-ksm/ksmkx
     ((round > emulate_rounds)) ||
         run c dev "${merge_args[@]}" -d /dev/ksmem -D "${server_pid[ksmem]}" -e /run/cuse-ksm/ksmem -w emulated
 done
@@ -127,7 +129,7 @@ for ((round = 1; round <= reg_rounds; round++)); do
     done
 done
 
-for name in ksmkb ksmem; do
+for name in ksmkb ksmkx ksmem; do
     stop_server "$name" || status=1
 done
 knobs_after=$(knobs)
@@ -140,11 +142,11 @@ median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { if
 echo
 say "summary: dup50 $mib MiB, pages_to_scan $to_scan, sleep $sleep_us us; medians (every run listed)"
 printf '%-44s | %-9s %-9s %-10s %-9s | %s\n' "run" "merge s" "setup ms" "daemon CPU" "ksmd CPU" "merge s, each round"
-for key in a b f c; do
+for key in a b x c; do
     case $key in
     a) label="(a) /dev/ksm, --merge kernel: kernel merge" ;;
     b) label="(b) madvise + /sys/kernel/mm/ksm" ;;
-    f) label="(f) as (a), daemon frozen after START_STOP" ;;
+    x) label="(x) as (a), with --cross-check" ;;
     c) label="(c) /dev/ksm, --merge emulate: emulated" ;;
     esac
     printf '%-44s | %-9s %-9s %-10s %-9s |%s\n' "$label" "$(median "${merge_s[$key]:-}")" \
@@ -154,7 +156,7 @@ over_b() { # KEY: the median merge time of KEY over (b)'s
     awk -v a="$(median "${merge_s[$1]:-}")" -v b="$(median "${merge_s[b]:-}")" \
         'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.3f", a / b; else print "?" }'
 }
-echo "RATIO a_over_b=$(over_b a) f_over_b=$(over_b f) (medians of the merge times; goal <= 1.1)"
+echo "RATIO a_over_b=$(over_b a) x_over_b=$(over_b x) (medians of the merge times; goal <= 1.1)"
 for name in ksmkb ksmem; do
     mode=$([[ $name == ksmkb ]] && echo kernel || echo emulate)
     echo "REGISTER --merge $mode: p50_us=$(median "${p50[$name]:-}") p99_us=$(median "${p99[$name]:-}")" \

@@ -28,16 +28,13 @@
  *   -D PID -K PID   report the CPU time (utime + stime) of the daemon and of
  *                   ksmd over the timed interval
  *   -e DIR          the daemon's control files: also report its emulated count
- *   -F              freeze the daemon (SIGSTOP) from the end of the registration
- *                   to the full merge, SIGCONT after: kernel mode as it would
- *                   be if its emulated scanner paused
  *
  * register times each of REGIONS (default 500) KSM_REGISTER_MEMORY_REGION
  * calls of PAGES (default 4) pages each, consecutive pieces of one touched
  * private mapping, on one SMA, with clock_gettime around each ioctl.
  *
  * Last line, for scripts:
- *   RESULT bench=merge via=dev|dev-frozen|madvise wait=... mib=... pages=... expected=...
+ *   RESULT bench=merge via=dev|madvise wait=... mib=... pages=... expected=...
  *          merged=... setup_ms=... merge_s=... daemon_cpu_s=... ksmd_cpu_s=...
  *          emulated=...
  *   RESULT bench=register regions=... pages=... create_us=... p50_us=...
@@ -49,7 +46,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/ksm.h>
-#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,7 +64,7 @@ static const char *device = "/dev/ksm";
 static const char *stats_dir;
 static unsigned mib = 64, pages_to_scan = 100000, sleep_us, timeout_s = 600;
 static unsigned regions = 500, region_pages = 4;
-static int daemon_pid, ksmd_pid, wait_emulated, freeze;
+static int daemon_pid, ksmd_pid, wait_emulated;
 
 static void die(const char *what)
 {
@@ -210,14 +206,10 @@ static int merge(int via_dev)
 		write_number("run", 1);
 	}
 	double t_setup = now();
-	if (freeze && kill(daemon_pid, SIGSTOP) != 0)
-		die("SIGSTOP the daemon");
 
 	long merged;
 	while ((merged = merged_now()) != (long)expected) {
 		if (now() - t0 > timeout_s) {
-			if (freeze)
-				kill(daemon_pid, SIGCONT);
 			fprintf(stderr, "ksm_kmerge: no full merge within %u s: %ld of %llu pages merged\n", timeout_s,
 				merged, (unsigned long long)expected);
 			return 1;
@@ -227,8 +219,6 @@ static int merge(int via_dev)
 		usleep(wait_emulated ? 20000 : 1000);
 	}
 	double t1 = now();
-	if (freeze && kill(daemon_pid, SIGCONT) != 0)
-		die("SIGCONT the daemon");
 	double cpu1 = cpu_s(daemon_pid), ksmd1 = cpu_s(ksmd_pid);
 	long emulated = -1;
 	if (stats_dir) {
@@ -246,9 +236,9 @@ static int merge(int via_dev)
 	} else {
 		write_number("run", 0);
 	}
-	printf("RESULT bench=merge via=%s%s wait=%s mib=%u pages=%llu expected=%llu merged=%ld setup_ms=%.1f "
+	printf("RESULT bench=merge via=%s wait=%s mib=%u pages=%llu expected=%llu merged=%ld setup_ms=%.1f "
 	       "merge_s=%.3f daemon_cpu_s=%.2f ksmd_cpu_s=%.2f emulated=%ld\n",
-	       via_dev ? "dev" : "madvise", freeze ? "-frozen" : "", wait_emulated ? "emulated" : "kernel", mib, (unsigned long long)npages,
+	       via_dev ? "dev" : "madvise", wait_emulated ? "emulated" : "kernel", mib, (unsigned long long)npages,
 	       (unsigned long long)expected, merged, (t_setup - t0) * 1e3, t1 - t0, cpu1 - cpu0, ksmd1 - ksmd0,
 	       emulated);
 	return 0;
@@ -303,7 +293,7 @@ int main(int argc, char **argv)
 	const char *what = argc > 1 ? argv[1] : "";
 	int opt;
 	optind = 2;
-	while ((opt = getopt(argc, argv, "M:p:s:t:D:K:e:w:n:r:d:F")) != -1) {
+	while ((opt = getopt(argc, argv, "M:p:s:t:D:K:e:w:n:r:d:")) != -1) {
 		switch (opt) {
 		case 'M': mib = strtoul(optarg, NULL, 0); break;
 		case 'p': pages_to_scan = strtoul(optarg, NULL, 0); break;
@@ -316,16 +306,11 @@ int main(int argc, char **argv)
 		case 'n': regions = strtoul(optarg, NULL, 0); break;
 		case 'r': region_pages = strtoul(optarg, NULL, 0); break;
 		case 'd': device = optarg; break;
-		case 'F': freeze = 1; break;
 		default: return 2;
 		}
 	}
 	if (wait_emulated && !stats_dir) {
 		fprintf(stderr, "ksm_kmerge: -w emulated needs -e DIR\n");
-		return 2;
-	}
-	if (freeze && (!daemon_pid || wait_emulated)) {
-		fprintf(stderr, "ksm_kmerge: -F needs -D PID, and the kernel's count to wait for\n");
 		return 2;
 	}
 	if (!strcmp(what, "dev") || !strcmp(what, "madvise"))

@@ -40,7 +40,7 @@ for key in a b f c; do
         problem "run ($key) did not report a full merge with its time: $line"
     fi
 done
-grep -Eq '^RATIO a_over_b=[0-9.]+ f_over_b=[0-9.]+ ' "$log" || problem "no RATIO line with both ratios"
+grep -Eq '^RATIO a_over_b=[0-9.]+ x_over_b=[0-9.]+ ' "$log" || problem "no RATIO line with both ratios"
 for mode in kernel emulate; do
     grep -Eq "^REGISTER --merge $mode: p50_us=[0-9.]+ p99_us=[0-9.]+ create_us=[0-9.]+ " "$log" ||
         problem "no REGISTER percentiles for --merge $mode"
