@@ -12,6 +12,7 @@ a caller's thread) are chosen here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import functools
 import grp
 import logging
 import os
@@ -156,7 +157,10 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
             host = HostView(procfs.tgid, hostksm.mergeable_pages, hostksm.merging_pages, host_ksm.counters)
             follow_on_host(engine, host_ksm)
             log.info("merging for real: registered memory is madvised mergeable for the host kernel's KSM")
-        device = KsmDevice(engine, ProcessMemory.open, host=host)
+        # Kernel mode reads through /proc/<tid>/mem: process_vm_readv would
+        # unshare every page the host kernel merged (host/procmem.py).
+        open_space = ProcessMemory.open if host is None else functools.partial(ProcessMemory.open, proc_mem=True)
+        device = KsmDevice(engine, open_space, host=host)
         session = CuseSession(device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
         server = Server(channel, session, ptrace.borrow_from_ioctl)
         stats_dir = controltree.default_dir(args.name) if args.stats_dir is None else args.stats_dir
