@@ -155,17 +155,28 @@ class Merger:
             self.proc.wait()
 
 
-def free_kib() -> int:
-    """MemFree with the page cache dropped, the median of three readings: what the VM has free now."""
+def free_kib(daemon: int) -> int:
+    """What the VM has free now but for the daemon's own memory, the median of three readings.
+
+    MemFree with the page cache dropped, plus the daemon's anonymous memory:
+    its scanner builds its tables for the same pages while the kernel merges
+    them (several MiB in 64), which would otherwise count against the saving.
+    """
     readings = []
     for _ in range(3):
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemFree:"):
-                readings.append(int(line.split()[1]))
+        meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+        readings.append(int(meminfo["MemFree"].split()[0]) + status_field(daemon, "RssAnon"))
         time.sleep(0.2)
     return sorted(readings)[1]
+
+
+def sharing_when_merged(npages: int) -> int:
+    """pages_sharing for npages of 4 contents all merged: the kernel shares one page at most max_page_sharing times."""
+    copies = npages // 4
+    shared = -(-copies // sys_int("max_page_sharing"))  # per content: 16 for 64 MiB at the default 256
+    return npages - 4 * shared
 
 
 def wait_merged(m: Merger) -> None:
@@ -187,18 +198,18 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
         wait_for(lambda: regions(kd, m.pid)[0][4] != "pending", what="the madvise")
         (row,) = regions(kd, m.pid)
         assert row[4:] == ["ok", str(m.npages)], row  # madvised, and every page is in a mergeable mapping
-        before = free_kib()
+        before = free_kib(kd.proc.pid)
         m("start")
         wait_merged(m)
         assert merging(m.pid) >= 16376
         sharing = sys_int("pages_sharing") - sharing0
-        merged = free_kib()
+        merged = free_kib(kd.proc.pid)
         # The control files tell the kernel's figures as the kernel does.
         assert int((kd.stats / "processes" / str(m.pid) / "host_ksm_merging_pages").read_text()) == merging(m.pid)
         assert int((kd.stats / "host_pages_sharing").read_text()) == sys_int("pages_sharing")
-        figures = f"MemFree {before} -> {merged} KiB merged; pages_sharing {sharing} ({sharing * 4} KiB)"
+        figures = f"free {before} -> {merged} KiB merged; pages_sharing {sharing} ({sharing * 4} KiB)"
         print(figures)
-        assert sharing >= 16376 - 4, figures
+        assert sharing >= sharing_when_merged(m.npages) - 8, figures
         assert within_10_percent(merged - before, sharing * 4), figures
 
         cow = m("cow")
@@ -207,7 +218,7 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
 
         m("remove")  # MADV_UNMERGEABLE: every merged page is copied back
         wait_for(lambda: merging(m.pid) == 0, timeout=MERGE_TIMEOUT, what="ksm_merging_pages 0 after REMOVE")
-        unmerged = free_kib()
+        unmerged = free_kib(kd.proc.pid)
         figures += f"; {unmerged} KiB after REMOVE"
         print(figures)
         assert within_10_percent(merged - unmerged, sharing * 4), figures
@@ -228,7 +239,7 @@ def test_closing_the_sma_leaves_the_range_merged_until_exit(kd: KernelDaemon) ->
         scans = sys_int("full_scans")
         wait_for(lambda: sys_int("full_scans") >= scans + 2, timeout=MERGE_TIMEOUT, what="two more full scans")
         assert merging(m.pid) >= m.npages - 8, "the last close unmerged the range"
-        assert sys_int("pages_sharing") - sharing0 >= m.npages - 4 - 8
+        assert sys_int("pages_sharing") - sharing0 >= sharing_when_merged(m.npages) - 8
         m("check")
         m.exit()
     wait_for(lambda: sys_int("pages_sharing") == sharing0, timeout=MERGE_TIMEOUT, what="pages_sharing back at exit")
@@ -239,7 +250,7 @@ def test_exit_with_the_region_registered_ends_the_merging(kd: KernelDaemon) -> N
     with Merger(kd, 8) as m:
         m("start")
         wait_merged(m)
-        assert sys_int("pages_sharing") - sharing0 >= m.npages - 4 - 8
+        assert sys_int("pages_sharing") - sharing0 >= sharing_when_merged(m.npages) - 8
         m.exit()  # the SMA fd still open, the region still registered
         wait_for(lambda: not (kd.stats / "processes" / str(m.pid)).exists(), what="the process to leave the tree")
     wait_for(lambda: sys_int("pages_sharing") == sharing0, timeout=MERGE_TIMEOUT, what="pages_sharing back at exit")
