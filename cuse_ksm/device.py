@@ -335,8 +335,10 @@ class KsmDevice:
         elif slot is not None:
             slot.host_advice = ADVICE_OK if results[0] == 0 else errno.errorcode.get(-results[0], str(-results[0]))
             if results[0] == 0 and self.host is not None:
+                # Read after the caller went on: pages it unmapped since then
+                # are no fault of the advice, pages mapped and not mergeable are.
                 [(mapped, mergeable)] = self.host.mergeable_pages(advise.tgid, [(slot.base, slot.npages)])
-                if mergeable < slot.npages:
+                if mergeable < mapped:
                     notes.append(
                         f"only {mergeable} of the region's {slot.npages} pages are mergeable "
                         f"({mapped} mapped): the host kernel ignores MADV_MERGEABLE on shared "

@@ -179,6 +179,17 @@ def test_a_shared_mapping_is_reported_although_madvise_returned_0(up: CuseSessio
     assert "MAP_SHARED" in message
 
 
+def test_a_region_unmapped_before_we_look_is_no_shared_mapping(up: CuseSession, host: Host, caplog) -> None:
+    """The caller's ioctl returns before the daemon reads smaps: what it unmapped meanwhile is not reported."""
+    host.mergeable[(A, BASE, 16)] = (4, 4)  # 12 pages unmapped since madvise marked them
+    borrow = register(up, sma(up), BASE, 16)
+    assert isinstance(borrow, Borrow)
+    up.complete_ioctl(borrow)
+    up.borrowed(borrow, (0,))
+    assert the_slot(up).host_advice == ADVICE_OK
+    assert caplog.messages == []
+
+
 @pytest.mark.parametrize("replied", [False, True])
 def test_a_caller_that_cannot_be_borrowed_still_gets_0(up: CuseSession, caplog, replied: bool) -> None:
     """A traced caller (EBUSY), before or after its ioctl was completed: one answer, 0, and a log line."""

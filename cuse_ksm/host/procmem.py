@@ -39,6 +39,18 @@ followed by two checks, and the data is thrown away unless both pass:
 
 Both checks run *after* the copy, so nothing that happens during the copy
 can slip past them.
+
+Reading must not change what it reads, and there process_vm_readv falls
+short: it pins each page (FOLL_PIN), and since Linux 5.19 a read-only pin
+of an anonymous page that is not exclusive to the process makes the kernel
+copy it first (FAULT_FLAG_UNSHARE).  A page that KSM merged is never
+exclusive, so with ``--merge kernel`` every pass of our scanner would undo
+what the host kernel merged.  ``open(..., proc_mem=True)`` therefore reads
+through ``/proc/<tid>/mem`` instead: slower, but its reads take the page
+without a pin and leave it shared.  Its fd pins the mm as the pagemap fd
+does.  (Pages a fork left shared between parent and child are not
+exclusive either: process_vm_readv copies those too, see
+tests/host/test_procmem.py.)
 """
 
 from __future__ import annotations
@@ -146,10 +158,11 @@ class ProcessMemory:
     pidfd: int
     pagemap_fd: int
     closed: bool = field(default=False)
+    mem_fd: int | None = None  # /proc/<tid>/mem, to read without unsharing (module docstring)
 
     @classmethod
-    def open(cls, tid: int) -> ProcessMemory:
-        """Pin the address space of thread ``tid``.
+    def open(cls, tid: int, *, proc_mem: bool = False) -> ProcessMemory:
+        """Pin the address space of thread ``tid``; with ``proc_mem``, read it through /proc/<tid>/mem.
 
         Raises ProcessLookupError when the thread (or its memory) is gone.
         """
@@ -158,15 +171,19 @@ class ProcessMemory:
             pidfd = os.pidfd_open(tgid)
         except (FileNotFoundError, ProcessLookupError) as e:
             raise ProcessLookupError(f"thread {tid} is gone") from e
+        fds = [pidfd]
         try:
-            pagemap_fd = os.open(f"/proc/{tid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            for name in ("pagemap", "mem") if proc_mem else ("pagemap",):
+                fds.append(os.open(f"/proc/{tid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
         except (FileNotFoundError, ProcessLookupError) as e:
-            os.close(pidfd)
+            for fd in fds:
+                os.close(fd)
             raise ProcessLookupError(f"thread {tid} is gone") from e
         except BaseException:
-            os.close(pidfd)
+            for fd in fds:
+                os.close(fd)
             raise
-        space = cls(tgid=tgid, tid=tid, pidfd=pidfd, pagemap_fd=pagemap_fd)
+        space = cls(tgid, tid, pidfd, fds[1], mem_fd=fds[2] if proc_mem else None)
         if pidfd_exited(pidfd):
             space.close()
             raise ProcessLookupError(f"process {tgid} exited while registering")
@@ -219,7 +236,7 @@ class ProcessMemory:
         runs = [(0, npages)] if 0 not in present else [(m.start(), m.end()) for m in _RUNS.finditer(present)]
         out: bytearray | None = None
         while runs:
-            got = self._readv(local, addr, runs)
+            got = self._readv(local, addr, runs) if self.mem_fd is None else self._pread(local, addr, runs)
             if got is None:
                 return None
             # process_vm_readv fills the iovecs in order and stops at the
@@ -261,6 +278,26 @@ class ProcessMemory:
             return None
         return 0  # EFAULT and the like: not even the first page could be read
 
+    def _pread(self, local: int, addr: int, runs: list[tuple[int, int]]) -> int:
+        """As :meth:`_readv`, through /proc/<tid>/mem: one preadv a run, up to the first page it cannot read.
+
+        A read of the mm once it has no users returns 0 bytes; the check
+        after the copy tells that from an unreadable page.
+        """
+        assert self.mem_fd is not None
+        got = 0
+        for start, end in runs:
+            length = (end - start) << PAGE_SHIFT
+            buf = (ctypes.c_char * length).from_address(local + (start << PAGE_SHIFT))
+            try:
+                n = os.preadv(self.mem_fd, [buf], addr + (start << PAGE_SHIFT))
+            except OSError:
+                n = 0  # EIO: not even the run's first page could be read
+            got += n
+            if n < length:
+                break
+        return got
+
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if present (never faulted in), else None."""
         present = self.read_pages(addr, 1, _page_buf)
@@ -273,3 +310,5 @@ class ProcessMemory:
             self.closed = True
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
+            if self.mem_fd is not None:
+                os.close(self.mem_fd)

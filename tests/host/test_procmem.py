@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 from collections.abc import Iterator
@@ -28,17 +29,22 @@ def children() -> Iterator[list[Child]]:
         child.kill()
 
 
+# Both readers: process_vm_readv (emulation) and /proc/<tid>/mem (--merge kernel).
+PROC_MEM = pytest.mark.parametrize("proc_mem", [False, True], ids=["process_vm_readv", "proc_mem"])
+
+
 def spawn(children: list[Child], npages: int) -> Child:
     child = Child.start(npages)
     children.append(child)
     return child
 
 
-def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child]) -> None:
+@PROC_MEM
+def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child], proc_mem: bool) -> None:
     child = spawn(children, 64)
     child.fill(0, 8, 0x11)
     child.fill(20, 4, 0x22)
-    with closing(ProcessMemory.open(child.pid)) as space:
+    with closing(ProcessMemory.open(child.pid, proc_mem=proc_mem)) as space:
         buf = mmap.mmap(-1, 64 * PAGE_SIZE)
         present = space.read_pages(child.addr, 64, buf)
         assert present == bytes([1] * 8 + [0] * 12 + [1] * 4 + [0] * 40)
@@ -68,10 +74,11 @@ def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: li
         engine.release_sma(next(iter(engine.smas.values())))
 
 
-def test_unmapped_range_reads_as_not_present(children: list[Child]) -> None:
+@PROC_MEM
+def test_unmapped_range_reads_as_not_present(children: list[Child], proc_mem: bool) -> None:
     child = spawn(children, 16)
     child.fill(0, 16, 0x33)
-    with closing(ProcessMemory.open(child.pid)) as space:
+    with closing(ProcessMemory.open(child.pid, proc_mem=proc_mem)) as space:
         child.unmap(4, 4)
         buf = mmap.mmap(-1, 16 * PAGE_SIZE)
         assert space.read_pages(child.addr, 16, buf) == bytes([1] * 4 + [0] * 4 + [1] * 8)
@@ -95,10 +102,11 @@ def test_unreadable_present_pages_are_skipped_and_the_rest_read(children: list[C
         assert space.read_pages(child.addr, 16, buf) == bytes(16)
 
 
-def test_exit_makes_the_space_gone(children: list[Child]) -> None:
+@PROC_MEM
+def test_exit_makes_the_space_gone(children: list[Child], proc_mem: bool) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
-    with closing(ProcessMemory.open(child.pid)) as space:
+    with closing(ProcessMemory.open(child.pid, proc_mem=proc_mem)) as space:
         assert space.alive()
         child.exit()
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
@@ -108,14 +116,53 @@ def test_exit_makes_the_space_gone(children: list[Child]) -> None:
         assert os.pread(space.pagemap_fd, 8, 0) == b""
 
 
-def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child]) -> None:
+@PROC_MEM
+def test_exec_makes_the_space_gone_though_the_pid_lives_on(children: list[Child], proc_mem: bool) -> None:
     child = spawn(children, 4)
     child.fill(0, 4, 1)
-    with closing(ProcessMemory.open(child.pid)) as space:
+    with closing(ProcessMemory.open(child.pid, proc_mem=proc_mem)) as space:
         child.exec_sleep()
         assert not pidfd_exited(space.pidfd)  # same process, same pid ...
         buf = mmap.mmap(-1, 4 * PAGE_SIZE)
         assert space.read_pages(child.addr, 4, buf) is None  # ... but not the memory we pinned
+
+
+def frame(pid: int, addr: int) -> int:
+    """The physical frame behind ``addr`` in process ``pid`` (root: pagemap shows frames)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        entry = int.from_bytes(os.pread(f.fileno(), 8, (addr // PAGE_SIZE) * 8), "little")
+    assert entry >> 63, "not present"
+    return entry & ((1 << 55) - 1)
+
+
+def test_reading_through_proc_mem_leaves_a_shared_page_shared() -> None:
+    """A page shared between processes stays one page after our read (--merge kernel's reader).
+
+    A page left shared by fork() is, like a page KSM merged, not exclusive to
+    either process: a read-only pin of it, which process_vm_readv takes, makes
+    the kernel copy it first (Linux 5.19+).  /proc/<tid>/mem takes no pin.
+    """
+    buf = mmap.mmap(-1, 4 * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf[:] = b"\x6b" * (4 * PAGE_SIZE)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        shared = [frame(os.getpid(), addr + i * PAGE_SIZE) for i in range(4)]
+        assert [frame(pid, addr + i * PAGE_SIZE) for i in range(4)] == shared  # fork shares them
+        with closing(ProcessMemory.open(pid, proc_mem=True)) as space:
+            into = mmap.mmap(-1, 4 * PAGE_SIZE)
+            assert space.read_pages(addr, 4, into) == bytes([1] * 4)
+            assert into[:] == b"\x6b" * (4 * PAGE_SIZE)
+        assert [frame(pid, addr + i * PAGE_SIZE) for i in range(4)] == shared, "the read copied the pages"
+    finally:
+        os.write(w, b"x")
+        os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
 
 
 def register(engine: Engine, child: Child, npages: int, first: int = 0) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ C_BIN = ROOT / "tests" / "c" / "bin"
 ROBUST = ROOT / "tests" / "robust"
 ROBUST_BIN = ROBUST / "bin"
 DEVICE = os.environ.get("CUSE_KSM_DEVICE", "/dev/ksm")
+VM_OUT = ROOT / "tests" / "vm" / "out"  # logs kept for after the run
 
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -87,34 +90,139 @@ def run_c(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedPro
 SECOND_DAEMON = ("--no-stats-dir", "--log-level", "warning")
 
 
-def start_daemon(name: str, *options: str) -> subprocess.Popen[str]:
-    """A daemon serving /dev/<name>, returned once the node is there."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cuse_ksm", "--name", name, *options],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_daemon(name: str, *options: str, log: Path | None = None) -> subprocess.Popen[str]:
+    """A daemon serving /dev/<name>, returned once the node is there.
+
+    Its stderr goes to a pipe that :func:`stop_daemon` reads, or with
+    ``log`` to that file, which a test can read while the daemon runs.
+    """
+    with open(log or os.devnull, "w") as log_file:  # the daemon keeps its own copy of the fd
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cuse_ksm", "--name", name, *options],
+            cwd=ROOT,
+            stderr=log_file if log else subprocess.PIPE,
+            text=True,
+        )
     # A daemon starts in seconds, but in a loaded VM under software emulation
     # (the first one needs 15 s there) 30 s has proved too short.
     deadline = time.monotonic() + 60
     while not os.path.exists(f"/dev/{name}"):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"/dev/{name} did not appear: {proc.communicate()[1]}")
+            err = proc.communicate()[1]
+            pytest.fail(f"/dev/{name} did not appear: {err if err is not None else log.read_text() if log else ''}")
         time.sleep(0.05)
     return proc
 
 
 def stop_daemon(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> str:
-    """Send a daemon of :func:`start_daemon` ``signum`` and wait for it to exit; returns its stderr.
+    """Send a daemon of :func:`start_daemon` ``signum`` and wait for it to exit; returns its stderr ("" with a log).
 
     A clean stop is exit status 0 (``proc.returncode``), which the caller
     asserts, with the stderr returned here to show when it is not.
     """
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=15)
-    return err
+    return err or ""
+
+
+# -- --merge kernel: a daemon that drives the host kernel's KSM ------------------------------
+
+SYS_KSM = Path("/sys/kernel/mm/ksm")
+HOST_KNOBS = ("run", "pages_to_scan", "sleep_millisecs")  # what --merge kernel writes, and restores
+
+
+def host_knobs() -> dict[str, int]:
+    return {name: int((SYS_KSM / name).read_text()) for name in HOST_KNOBS}
+
+
+@dataclass(frozen=True)
+class KernelDaemon:
+    """A daemon of :func:`kernel_daemon`: /dev/<name>, its control files, its log."""
+
+    proc: subprocess.Popen[str]
+    name: str
+    log: Path
+
+    @property
+    def device(self) -> str:
+        return f"/dev/{self.name}"
+
+    @property
+    def stats(self) -> Path:
+        return Path("/run/cuse-ksm") / self.name
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+
+@contextmanager
+def kernel_daemon(name: str) -> Iterator[KernelDaemon]:
+    """A ``--merge kernel`` daemon serving /dev/<name>, logging at info to tests/vm/out/daemon-<name>.log.
+
+    On the way out it must stop cleanly on SIGTERM and leave the host's KSM
+    settings as they were before it started.
+    """
+    VM_OUT.mkdir(parents=True, exist_ok=True)
+    log = VM_OUT / f"daemon-{name}.log"
+    before = host_knobs()
+    proc = start_daemon(name, "--merge", "kernel", "--log-level", "info", log=log)
+    try:
+        yield KernelDaemon(proc, name, log)
+    finally:
+        if proc.poll() is None:
+            stop_daemon(proc)
+    assert proc.returncode == 0, log.read_text()
+    assert host_knobs() == before, "the host's KSM settings were not restored"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Client:
+    """tests/robust/ksm_client, one command per line."""
+
+    def __init__(self, device: str = DEVICE) -> None:
+        self.proc = subprocess.Popen(
+            [str(ROBUST_BIN / "ksm_client"), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        first = self.readline()
+        assert first.startswith("ok pid"), first
+        self.pid = self.proc.pid
+
+    def readline(self, timeout: float = 60) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, "ksm_client did not answer: a hang"
+        return self.proc.stdout.readline().strip()
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def __call__(self, line: str) -> str:
+        self.send(line)
+        return self.readline()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe:
+                pipe.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
 
 
 # -- the daemon's resources, before and after ---------------------------------------------

@@ -27,6 +27,12 @@ What is neutralised on the kernel side, and why:
 The global counters are exact here: nothing else in the VM is mergeable
 (checked before each run), and the per-process ``ksm_merging_pages`` of both
 sides is compared too.  Every setting touched is restored afterwards.
+
+``--merge kernel`` runs both sides at once, on the same memory: the workload
+registers with a kernel-mode daemon, whose REGISTER has it madvise the
+buffer and whose scanner settings drive the kernel's ksmd too.  The
+emulator's counters must still be the pattern's, the kernel's the same, and
+the daemon's ``host_`` files must show the kernel's.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c
+from tests.integration.conftest import C_BIN, DEVICE, ROOT, KernelDaemon, kernel_daemon, run_c
 
 SYS = Path("/sys/kernel/mm/ksm")
 STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))
@@ -76,7 +82,7 @@ def write_value(path: Path, value: int | str) -> None:
         f.write(f"{value}\n")
 
 
-def settle(counts: Callable[[], tuple[int, int]], scans: Callable[[], int], what: str) -> tuple[tuple[int, int], int]:
+def settle(counts: Callable[[], tuple[int, ...]], scans: Callable[[], int], what: str) -> tuple[tuple[int, ...], int]:
     """Poll until the counts stayed the same for two full scans (and at least three passed); (counts, scans)."""
     start = scans()
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -95,13 +101,13 @@ def settle(counts: Callable[[], tuple[int, int]], scans: Callable[[], int], what
 class Workload:
     """tests/c/ksm_crosscheck: started, ready, stopped by closing its stdin."""
 
-    def __init__(self, mode: str, pattern: str, npages: int) -> None:
+    def __init__(self, mode: str, pattern: str, npages: int, device: str = DEVICE) -> None:
         self.proc = subprocess.Popen(
             [str(C_BIN / "ksm_crosscheck"), mode, pattern, str(npages)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
-            env={**os.environ, "CUSE_KSM_DEVICE": DEVICE},
+            env={**os.environ, "CUSE_KSM_DEVICE": device},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -153,13 +159,18 @@ def emulator_scanner() -> Iterator[None]:
         write_value(STATS / "run", saved["run"])
 
 
-def run_kernel(pattern: str, npages: int) -> Result:
-    write_value(STATS / "run", 0)  # the emulator's scanner stays stopped (nothing of ours is registered anyway)
+def neutralise_kernel() -> None:
+    """The kernel's KSM clean and counting as the 2009 driver did (module docstring)."""
     assert (read_int(SYS / "pages_shared"), read_int(SYS / "pages_sharing")) == (0, 0), "kernel KSM not clean"
     write_value(SYS / "max_page_sharing", 4096)
     write_value(SYS / "use_zero_pages", 0)
     if (SYS / "smart_scan").exists():
         write_value(SYS / "smart_scan", 0)
+
+
+def run_kernel(pattern: str, npages: int) -> Result:
+    write_value(STATS / "run", 0)  # the emulator's scanner stays stopped (nothing of ours is registered anyway)
+    neutralise_kernel()
     write_value(SYS / "pages_to_scan", npages)
     write_value(SYS / "sleep_millisecs", 20)
     t0 = time.monotonic()
@@ -198,6 +209,15 @@ def run_emulator(pattern: str, npages: int) -> Result:
     return Result(shared, sharing, merging, scans, seconds)
 
 
+def record(line: str) -> None:
+    """One run's figures: in the test's output, and kept in tests/vm/out/crosscheck.txt."""
+    print(line)
+    out = ROOT / "tests" / "vm" / "out"
+    if out.is_dir():
+        with open(out / "crosscheck.txt", "a") as f:
+            f.write(line)
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_emulator_counts_as_the_kernel(pattern: str, kernel_ksm: None, emulator_scanner: None) -> None:
     run_c("ksm_abi_sequence")  # builds tests/c if needed
@@ -209,12 +229,62 @@ def test_emulator_counts_as_the_kernel(pattern: str, kernel_ksm: None, emulator_
         f"emulator {emulator.pages_shared} {emulator.pages_sharing} {emulator.merging_pages} "
         f"scans {kernel.full_scans} {emulator.full_scans} seconds {kernel.seconds:.1f} {emulator.seconds:.1f}\n"
     )
-    print(line)
-    out = ROOT / "tests" / "vm" / "out"
-    if out.is_dir():
-        with open(out / "crosscheck.txt", "a") as f:
-            f.write(line)
+    record(line)
     # The kernel must show what the pattern implies, or the comparison proves nothing.
     assert (kernel.pages_shared, kernel.pages_sharing) == (want_shared, want_sharing), line
     assert (emulator.pages_shared, emulator.pages_sharing) == (kernel.pages_shared, kernel.pages_sharing), line
     assert emulator.merging_pages == kernel.merging_pages, line
+
+
+@pytest.fixture(scope="module")
+def kernel_mode() -> Iterator[KernelDaemon]:
+    run_c("ksm_abi_sequence")  # builds tests/c if needed
+    with kernel_daemon("ksmcross") as daemon:
+        yield daemon
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+def test_kernel_mode_merges_what_the_emulator_counts(pattern: str, kernel_mode: KernelDaemon, kernel_ksm: None) -> None:
+    npages, want_shared, want_sharing = PATTERNS[pattern]
+    stats = kernel_mode.stats
+    neutralise_kernel()
+    # Through the daemon's control files, as an administrator would: both scanners take them.
+    write_value(stats / "pages_to_scan", npages)
+    write_value(stats / "sleep", 20000)
+    assert (read_int(SYS / "pages_to_scan"), read_int(SYS / "sleep_millisecs")) == (npages, 20)
+    t0 = time.monotonic()
+    emulated0, kernel0 = read_int(stats / "full_scans"), read_int(SYS / "full_scans")
+    try:
+        with Workload("ksm", pattern, npages, kernel_mode.device) as w:
+            write_value(stats / "run", 1)
+            (e_shared, e_sharing, k_shared, k_sharing), scans = settle(
+                lambda: (
+                    read_int(stats / "pages_shared"),
+                    read_int(stats / "pages_sharing"),
+                    read_int(SYS / "pages_shared"),
+                    read_int(SYS / "pages_sharing"),
+                ),
+                # A scan of both: the fewer of the two sides' full scans.
+                lambda: min(read_int(stats / "full_scans") - emulated0, read_int(SYS / "full_scans") - kernel0),
+                f"kernel mode, {pattern}",
+            )
+            process = stats / "processes" / str(w.pid)
+            e_merging = read_int(process / "ksm_merging_pages")
+            k_merging = read_int(Path(f"/proc/{w.pid}/ksm_merging_pages"))
+            host_files = (
+                read_int(stats / "host_pages_shared"),
+                read_int(stats / "host_pages_sharing"),
+                read_int(process / "host_ksm_merging_pages"),
+            )
+    finally:
+        write_value(stats / "run", 0)
+    line = (
+        f"{pattern} {npages} kernel-mode emulated {e_shared} {e_sharing} {e_merging} "
+        f"kernel {k_shared} {k_sharing} {k_merging} host_files {host_files} "
+        f"scans {scans} seconds {time.monotonic() - t0:.1f}\n"
+    )
+    record(line)
+    assert (e_shared, e_sharing) == (want_shared, want_sharing), line
+    assert (k_shared, k_sharing) == (want_shared, want_sharing), line
+    assert e_merging == k_merging, line
+    assert host_files == (k_shared, k_sharing, k_merging), line

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import signal
 import subprocess
 import time
@@ -20,12 +19,14 @@ from tests.integration.conftest import (
     DEVICE,
     ROBUST_BIN,
     SECOND_DAEMON,
+    Client,
     build_robust,
     daemon_snapshot,
     settle_to,
     start_daemon,
     status_field,
     stop_daemon,
+    wait_for,
 )
 
 STATS = Path("/run/cuse-ksm/ksm")
@@ -33,49 +34,6 @@ STATS = Path("/run/cuse-ksm/ksm")
 
 def read_stat(name: str) -> int:
     return int((STATS / name).read_text())
-
-
-def wait_for(predicate, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-class Client:
-    """tests/robust/ksm_client, one command per line."""
-
-    def __init__(self, device: str = DEVICE) -> None:
-        self.proc = subprocess.Popen(
-            [str(ROBUST_BIN / "ksm_client"), device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        first = self.readline()
-        assert first.startswith("ok pid"), first
-        self.pid = self.proc.pid
-
-    def readline(self, timeout: float = 60) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        assert ready, "ksm_client did not answer: a hang"
-        return self.proc.stdout.readline().strip()
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def __call__(self, line: str) -> str:
-        self.send(line)
-        return self.readline()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe:
-                pipe.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,6 +5,8 @@
  *
  *   sma               KSM_CREATE_SHARED_MEMORY_AREA; becomes the current SMA
  *   reg N BYTE        map N pages filled with BYTE, register them on the current SMA
+ *   shared N BYTE     the same with a MAP_SHARED mapping
+ *   remove            KSM_REMOVE_MEMORY_REGION on the current SMA
  *   unmap             munmap the last region (still registered)
  *   remap BYTE        a new mapping at the same address, filled with BYTE
  *   api               KSM_GET_API_VERSION on the device fd
@@ -32,9 +34,9 @@
 
 #define PAGE 4096
 
-static char *map_fill(char *at, size_t npages, int byte)
+static char *map_fill(char *at, size_t npages, int byte, int shared)
 {
-	int flags = MAP_PRIVATE | MAP_ANONYMOUS | (at ? MAP_FIXED : 0);
+	int flags = (shared ? MAP_SHARED : MAP_PRIVATE) | MAP_ANONYMOUS | (at ? MAP_FIXED : 0);
 	char *m = mmap(at, npages * PAGE, PROT_READ | PROT_WRITE, flags, -1, 0);
 	if (m != MAP_FAILED)
 		memset(m, byte, npages * PAGE);
@@ -66,8 +68,8 @@ int main(int argc, char **argv)
 		if (!strcmp(cmd, "sma")) {
 			sma = ioctl(dev, KSM_CREATE_SHARED_MEMORY_AREA, 0);
 			printf(sma >= 0 ? "ok %d\n" : "err %d\n", sma >= 0 ? sma : errno);
-		} else if (!strcmp(cmd, "reg")) {
-			mem = map_fill(NULL, n, byte);
+		} else if (!strcmp(cmd, "reg") || !strcmp(cmd, "shared")) {
+			mem = map_fill(NULL, n, byte, !strcmp(cmd, "shared"));
 			region.npages = n;
 			region.addr = (uintptr_t)mem;
 			r = ioctl(sma, KSM_REGISTER_MEMORY_REGION, &region);
@@ -75,10 +77,13 @@ int main(int argc, char **argv)
 		} else if (!strcmp(cmd, "again")) {
 			r = ioctl(sma, KSM_REGISTER_MEMORY_REGION, &region);
 			printf(r == 0 ? "ok\n" : "err %ld\n", (long)errno);
+		} else if (!strcmp(cmd, "remove")) {
+			r = ioctl(sma, KSM_REMOVE_MEMORY_REGION, 0);
+			printf(r == 0 ? "ok\n" : "err %ld\n", (long)errno);
 		} else if (!strcmp(cmd, "unmap")) {
 			printf(munmap(mem, region.npages * PAGE) == 0 ? "ok\n" : "err\n");
 		} else if (!strcmp(cmd, "remap")) {
-			printf(map_fill(mem, region.npages, (int)n) == mem ? "ok\n" : "err\n");
+			printf(map_fill(mem, region.npages, (int)n, 0) == mem ? "ok\n" : "err\n");
 		} else if (!strcmp(cmd, "api")) {
 			r = ioctl(dev, KSM_GET_API_VERSION, 0);
 			printf(r >= 0 ? "ok %ld\n" : "err %ld\n", r >= 0 ? r : (long)errno);
@@ -88,7 +93,7 @@ int main(int argc, char **argv)
 			if (child == 0) {
 				while (getppid() == parent)
 					usleep(1000);
-				char *m = map_fill(NULL, n, byte);
+				char *m = map_fill(NULL, n, byte, 0);
 				struct ksm_memory_region reg = {.npages = n, .addr = (uintptr_t)m};
 				r = ioctl(sma, KSM_REGISTER_MEMORY_REGION, &reg);
 				printf("child %d %ld %d\n", getpid(), r, r ? errno : 0);

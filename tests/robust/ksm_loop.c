@@ -2,12 +2,15 @@
  * Calls one /dev/ksm ioctl in a loop until killed, so that a SIGKILL lands
  * inside that very ioctl (tests/integration/test_robust_faults.py).
  *
- *   ksm_loop DEVICE api|create|start|info|register|remove
+ *   ksm_loop DEVICE api|create|start|info|register|remove [NPAGES]
  *
  * "create" closes each SMA fd it gets; "start" writes back the parameters it
  * read (so the scanner's settings do not change); "register" and "remove"
- * work on one SMA created first, REMOVE after every REGISTER.  Exits 1 on
- * the first unexpected result, printing it.
+ * work on one SMA created first, REMOVE after every REGISTER, of 8 pages or
+ * of NPAGES mapped but never touched but for the first 8 (with --merge
+ * kernel, a long range makes REMOVE's MADV_UNMERGEABLE take long, since the
+ * kernel walks every page of it).  Exits 1 on the first unexpected result,
+ * printing it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -15,7 +18,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static char buf[8 * 4096] __attribute__((aligned(4096)));
@@ -37,6 +42,17 @@ int main(int argc, char **argv)
 
 	if (fd < 0)
 		return fail("open", fd);
+	if (argc > 3) {
+		char *m;
+
+		region.npages = (__u32)strtoul(argv[3], NULL, 0);
+		m = mmap(NULL, (size_t)region.npages * 4096, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (m == MAP_FAILED)
+			return fail("mmap", -1);
+		region.addr = (uintptr_t)m;
+		memset(m, 0x42, sizeof(buf));
+	}
 	memset(buf, 0x42, sizeof(buf));
 	if (!strcmp(op, "register") || !strcmp(op, "remove")) {
 		sma = ioctl(fd, KSM_CREATE_SHARED_MEMORY_AREA, 0);
