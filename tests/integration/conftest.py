@@ -157,8 +157,10 @@ class KernelDaemon:
 
 
 @contextmanager
-def kernel_daemon(name: str) -> Iterator[KernelDaemon]:
+def kernel_daemon(name: str, *options: str) -> Iterator[KernelDaemon]:
     """A ``--merge kernel`` daemon serving /dev/<name>, logging at info to tests/vm/out/daemon-<name>.log.
+
+    ``options`` go on its command line (``--cross-check`` keeps the emulated scanner running).
 
     On the way out it must stop cleanly on SIGTERM and leave the host's KSM
     settings as they were before it started.
@@ -166,7 +168,7 @@ def kernel_daemon(name: str) -> Iterator[KernelDaemon]:
     VM_OUT.mkdir(parents=True, exist_ok=True)
     log = VM_OUT / f"daemon-{name}.log"
     before = host_knobs()
-    proc = start_daemon(name, "--merge", "kernel", "--log-level", "info", log=log)
+    proc = start_daemon(name, "--merge", "kernel", "--log-level", "info", *options, log=log)
     try:
         yield KernelDaemon(proc, name, log)
     finally:

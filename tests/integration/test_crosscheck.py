@@ -239,7 +239,7 @@ def test_emulator_counts_as_the_kernel(pattern: str, kernel_ksm: None, emulator_
 @pytest.fixture(scope="module")
 def kernel_mode() -> Iterator[KernelDaemon]:
     run_c("ksm_abi_sequence")  # builds tests/c if needed
-    with kernel_daemon("ksmcross") as daemon:
+    with kernel_daemon("ksmcross", "--cross-check") as daemon:
         yield daemon
 
 

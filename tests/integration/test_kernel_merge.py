@@ -241,6 +241,8 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
         # The control files tell the kernel's figures as the kernel does.
         assert int((kd.stats / "processes" / str(m.pid) / "host_ksm_merging_pages").read_text()) == merging(m.pid)
         assert int((kd.stats / "host_pages_sharing").read_text()) == sys_int("pages_sharing")
+        # Without --cross-check the emulated scanner stands still while ksmd merges.
+        assert [(kd.stats / f).read_text() for f in ("cross_check", "pages_scanned", "pages_sharing")] == ["0\n"] * 3
         figures = (
             f"pages_sharing {sharing} ({sharing * 4} KiB); the process's cgroup {before[0]} -> {merged[0]} KiB, "
             f"MemFree {before[1]} -> {merged[1]} KiB"

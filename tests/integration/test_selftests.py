@@ -49,7 +49,7 @@ def test_parse_sees_a_failure() -> None:
 
 @pytest.fixture(scope="module")
 def kernel_mode_daemon() -> Iterator[KernelDaemon]:
-    with kernel_daemon("ksmselftest") as daemon:
+    with kernel_daemon("ksmselftest", "--cross-check") as daemon:
         yield daemon
 
 
