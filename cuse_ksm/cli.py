@@ -12,7 +12,6 @@ a caller's thread) are chosen here and nowhere else.
 from __future__ import annotations
 
 import argparse
-import functools
 import grp
 import logging
 import os
@@ -165,10 +164,7 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
             found = " ".join(f"{k}={v}" for k, v in host_ksm.settings().items())
             # Logged so that an administrator can put them back after a kill -9.
             log.info("merging for real through the host kernel's KSM; its settings now: %s (restored at exit)", found)
-        # Kernel mode reads through /proc/<tid>/mem: process_vm_readv would
-        # unshare every page the host kernel merged (host/procmem.py).
-        open_space = ProcessMemory.open if host is None else functools.partial(ProcessMemory.open, proc_mem=True)
-        device = KsmDevice(engine, open_space, host=host)
+        device = KsmDevice(engine, ProcessMemory.open, host=host)
         session = CuseSession(device, devname=args.name, access=NodeAccess(args.mode, args.group), trace=args.trace)
         server = Server(channel, session, ptrace.borrow_from_ioctl)
         stats_dir = controltree.default_dir(args.name) if args.stats_dir is None else args.stats_dir

@@ -5,13 +5,14 @@ its tid names it without ambiguity.  We open, in this order:
 
 1. a pidfd of its thread group: it names the process, not a number, and
    polls readable once the process has exited;
-2. ``/proc/<tid>/pagemap``: opening it takes a reference on the process's
-   ``mm_struct`` (``proc_mem_open``), and reads through this fd see that mm
-   or nothing - never another process's memory, even after pid reuse or exec.
+2. ``/proc/<tid>/pagemap`` and ``/proc/<tid>/mem``: opening each takes a
+   reference on the process's ``mm_struct`` (``proc_mem_open``), and reads
+   through these fds see that mm or nothing - never another process's
+   memory, even after pid reuse or exec.
 
-Then we check the pidfd once more: if the process died between the two
-opens, the pagemap fd might belong to a successor with the same pid, so we
-refuse.  From then on the fds, not the pid, identify the memory.
+Then we check the pidfd once more: if the process died between the opens,
+the fds might belong to a successor with the same pid, so we refuse.  From
+then on the fds, not the pid, identify the memory.
 
 Reading (the scanner's side)
 ----------------------------
@@ -23,34 +24,26 @@ from swap), which the kernel's scanner never does.  A page can still be
 swapped out between the two steps; the copy then faults it back in, a rare
 and harmless cost.
 
-The copy uses process_vm_readv(2): it copies straight from the target's
-pages into our buffer, about twice as fast as preadv() on /proc/<pid>/mem,
-which goes through a bounce page one page at a time.  But process_vm_readv
-names the process by *pid*, and a pid can be reused.  So every read is
-followed by two checks, and the data is thrown away unless both pass:
+The copy is one preadv() of the pinned ``/proc/<tid>/mem`` fd per run of
+present pages.  Reading must not change what it reads, which rules out the
+faster process_vm_readv(2): it pins each page (FOLL_PIN), and since Linux
+5.19 a read-only pin of an anonymous page that is not exclusive to its
+process makes the kernel copy it first (FAULT_FLAG_UNSHARE).  Pages a fork
+left shared between parent and child are not exclusive, nor is any page
+KSM merged: process_vm_readv would give a forked client private copies of
+its shared memory (it uses *more* memory once scanned), and with
+``--merge kernel`` undo on every pass what the host kernel merged
+(tests/host/test_procmem.py shows both).  /proc/<tid>/mem reads take the
+page without a pin and leave it shared, at ~25 % more time per byte
+(docs/benchmarks.md).
 
-* the pidfd has not polled readable: the process we pinned has not exited,
-  so its pid cannot have been given to anyone else - not after the read,
-  hence not during it either (an exit cannot be undone);
-* the pinned pagemap fd still returns data: the mm we pinned still has
-  users.  If the process exec'd, it kept its pid but the old mm died, and
-  pagemap reads return 0 bytes from then on; the data may be from the new
-  program, so we discard it and report the space gone.
-
-Both checks run *after* the copy, so nothing that happens during the copy
-can slip past them.
-
-Reading must not change what it reads, and there process_vm_readv falls
-short: it pins each page (FOLL_PIN), and since Linux 5.19 a read-only pin
-of an anonymous page that is not exclusive to the process makes the kernel
-copy it first (FAULT_FLAG_UNSHARE).  A page that KSM merged is never
-exclusive, so with ``--merge kernel`` every pass of our scanner would undo
-what the host kernel merged.  ``open(..., proc_mem=True)`` therefore reads
-through ``/proc/<tid>/mem`` instead: slower, but its reads take the page
-without a pin and leave it shared.  Its fd pins the mm as the pagemap fd
-does.  (Pages a fork left shared between parent and child are not
-exclusive either: process_vm_readv copies those too, see
-tests/host/test_procmem.py.)
+The mem fd reads the mm it pinned or nothing, so a pid reused meanwhile
+cannot redirect it.  An exec'd process keeps its pid but its old mm dies:
+reads then return 0 bytes, and the check after every copy tells that from
+an unreadable page: the pidfd has not polled readable (not exited) and
+the pinned pagemap fd still returns data (the mm still has users).  The
+check runs *after* the copy, so nothing that happens during the copy can
+slip past it.
 """
 
 from __future__ import annotations
@@ -65,7 +58,6 @@ from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.host import procfs
-from cuse_ksm.host.libc import Iovec, process_vm_readv
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PM_ENTRY = 8  # bytes per pagemap entry
@@ -151,18 +143,18 @@ def pidfd_exited(pidfd: int) -> bool:
 
 @dataclass(eq=False)
 class ProcessMemory:
-    """An :class:`~cuse_ksm.engine.AddressSpace` backed by a pidfd and a pinned pagemap fd."""
+    """An :class:`~cuse_ksm.engine.AddressSpace` backed by a pidfd and pinned pagemap and mem fds."""
 
     tgid: int
     tid: int
     pidfd: int
     pagemap_fd: int
+    mem_fd: int
     closed: bool = field(default=False)
-    mem_fd: int | None = None  # /proc/<tid>/mem, to read without unsharing (module docstring)
 
     @classmethod
-    def open(cls, tid: int, *, proc_mem: bool = False) -> ProcessMemory:
-        """Pin the address space of thread ``tid``; with ``proc_mem``, read it through /proc/<tid>/mem.
+    def open(cls, tid: int) -> ProcessMemory:
+        """Pin the address space of thread ``tid``.
 
         Raises ProcessLookupError when the thread (or its memory) is gone.
         """
@@ -173,7 +165,7 @@ class ProcessMemory:
             raise ProcessLookupError(f"thread {tid} is gone") from e
         fds = [pidfd]
         try:
-            for name in ("pagemap", "mem") if proc_mem else ("pagemap",):
+            for name in ("pagemap", "mem"):
                 fds.append(os.open(f"/proc/{tid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
         except (FileNotFoundError, ProcessLookupError) as e:
             for fd in fds:
@@ -183,7 +175,7 @@ class ProcessMemory:
             for fd in fds:
                 os.close(fd)
             raise
-        space = cls(tgid, tid, pidfd, fds[1], mem_fd=fds[2] if proc_mem else None)
+        space = cls(tgid, tid, pidfd, fds[1], fds[2])
         if pidfd_exited(pidfd):
             space.close()
             raise ProcessLookupError(f"process {tgid} exited while registering")
@@ -236,13 +228,11 @@ class ProcessMemory:
         runs = [(0, npages)] if 0 not in present else [(m.start(), m.end()) for m in _RUNS.finditer(present)]
         out: bytearray | None = None
         while runs:
-            got = self._readv(local, addr, runs) if self.mem_fd is None else self._pread(local, addr, runs)
-            if got is None:
-                return None
-            # process_vm_readv fills the iovecs in order and stops at the
-            # first page it cannot read: unmapped since we read pagemap, or
-            # present but unreadable (PROT_NONE, I/O memory).  That page is
-            # counted as not present; the read resumes after it.
+            got = self._pread(local, addr, runs)
+            # The reads stop at the first page that cannot be read: unmapped
+            # since we read pagemap, present but unreadable (I/O memory), or
+            # the mm is gone (checked below).  That page is counted as not
+            # present; the read resumes after it.
             left = got >> PAGE_SHIFT
             for r, (start, end) in enumerate(runs):
                 if left >= end - start:
@@ -260,31 +250,12 @@ class ProcessMemory:
             return None
         return present if out is None else bytes(out)
 
-    def _readv(self, local: int, addr: int, runs: list[tuple[int, int]]) -> int | None:
-        """One process_vm_readv of the page ``runs`` at ``addr`` into ``local``: bytes read, None if gone."""
-        nruns = len(runs)
-        liov = (Iovec * nruns)()
-        riov = (Iovec * nruns)()
-        for r, (start, end) in enumerate(runs):
-            length = (end - start) << PAGE_SHIFT
-            liov[r].iov_base = local + (start << PAGE_SHIFT)
-            liov[r].iov_len = length
-            riov[r].iov_base = addr + (start << PAGE_SHIFT)
-            riov[r].iov_len = length
-        got: int = process_vm_readv(self.tgid, liov, nruns, riov, nruns, 0)
-        if got >= 0:
-            return got
-        if ctypes.get_errno() == errno.ESRCH or not self.alive():
-            return None
-        return 0  # EFAULT and the like: not even the first page could be read
-
     def _pread(self, local: int, addr: int, runs: list[tuple[int, int]]) -> int:
-        """As :meth:`_readv`, through /proc/<tid>/mem: one preadv a run, up to the first page it cannot read.
+        """The page ``runs`` at ``addr`` into ``local``, one preadv a run: bytes read, up to the first page it cannot.
 
         A read of the mm once it has no users returns 0 bytes; the check
         after the copy tells that from an unreadable page.
         """
-        assert self.mem_fd is not None
         got = 0
         for start, end in runs:
             length = (end - start) << PAGE_SHIFT
@@ -310,5 +281,4 @@ class ProcessMemory:
             self.closed = True
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
-            if self.mem_fd is not None:
-                os.close(self.mem_fd)
+            os.close(self.mem_fd)
