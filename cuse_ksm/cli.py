@@ -135,8 +135,9 @@ async def log_counters(engine: Engine, interval: float) -> None:
 def follow_on_host(engine: Engine, host_ksm: hostksm.HostKsm) -> Callable[[], None]:
     """Kernel mode: each new scanner setting (START_STOP_KTHREAD, the control files) goes to the host's ksmd too.
 
-    Returns the undo.  A value the host refuses is logged, not raised: the
-    ioctl that set it has returned already, as the 2009 driver's would.
+    Returns the undo.  A stop only stops (HostKsm.stop).  A value the host
+    refuses is logged, not raised: the ioctl that set it has returned
+    already, as the 2009 driver's would.
     """
 
     def follow(params: bool) -> None:
@@ -144,7 +145,10 @@ def follow_on_host(engine: Engine, host_ksm: hostksm.HostKsm) -> Callable[[], No
             return
         k = engine.kthread
         try:
-            host_ksm.apply(bool(k.flags & abi.KSM_CONTROL_FLAGS_RUN), k.pages_to_scan, k.sleep)
+            if k.flags & abi.KSM_CONTROL_FLAGS_RUN:
+                host_ksm.apply(True, k.pages_to_scan, k.sleep)
+            else:
+                host_ksm.stop()
         except OSError as e:
             log.error("could not pass the new scanner settings to the host kernel: %s", e)
 

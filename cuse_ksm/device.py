@@ -349,7 +349,7 @@ class KsmDevice:
 
 # What a failing madvise() of a registered range means, for its log line.
 _MADVISE_ERRORS = {
-    errno.ENOMEM: " (part of the range is not mapped; the host kernel marked the mapped parts)",
+    errno.ENOMEM: " (part of the range is not mapped; the mapped parts were advised)",
     errno.EINVAL: " (the range wraps the address space)",
     errno.EAGAIN: " (the host kernel was short of memory)",
 }

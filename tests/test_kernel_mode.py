@@ -163,7 +163,7 @@ def test_a_failing_madvise_is_logged_and_shown_and_the_ioctl_still_returns_0(up:
     assert the_slot(up).host_advice == "ENOMEM"
     assert (
         f"KSM_REGISTER_MEMORY_REGION from tid {A + 1}: madvise({BASE:#x}, {16 * PAGE:#x}) failed with ENOMEM "
-        "(part of the range is not mapped; the host kernel marked the mapped parts)"
+        "(part of the range is not mapped; the mapped parts were advised)"
     ) in caplog.messages
 
 
@@ -347,8 +347,8 @@ def test_the_scanners_settings_follow_on_the_host(tmp_path) -> None:
     undo = cli.follow_on_host(engine, host_ksm)
     engine.set_kthread(sleep=1500, pages_to_scan=5000, flags=abi.KSM_CONTROL_FLAGS_RUN)
     assert host_ksm.settings() == {"run": 1, "pages_to_scan": 5000, "sleep_millisecs": 2}
-    engine.set_kthread(sleep=1500, pages_to_scan=5000, flags=0)
-    assert host_ksm.read("run") == 0
+    engine.set_kthread(sleep=0, pages_to_scan=0, flags=0)  # a 2009 STOP: zeros but for the flag
+    assert host_ksm.settings() == {"run": 0, "pages_to_scan": 5000, "sleep_millisecs": 2}  # only run changes
     undo()
     engine.set_kthread(sleep=0, pages_to_scan=1, flags=abi.KSM_CONTROL_FLAGS_RUN)
     assert host_ksm.read("run") == 0  # no longer followed

@@ -112,6 +112,17 @@ class HostKsm:
             if now[name] != wanted[name]:
                 self._write(name, wanted[name])
 
+    def stop(self) -> None:
+        """Stop the host's ksmd (run=0), saving the KNOBS first as apply() does, and leave its pace alone.
+
+        A 2009 STOP carries zeros in its other fields; the pace of a stopped
+        scanner is moot, and other users of the host's KSM keep theirs.
+        """
+        if not self._saved:
+            self._saved = self.settings()
+        if self.read("run") != 0:
+            self._write("run", 0)
+
     def restore(self) -> dict[str, int]:
         """Put back every knob apply() saved; what was put back ({} if apply never ran, or on a second call).
 

@@ -79,6 +79,20 @@ def test_apply_saves_the_knobs_once_and_restore_puts_exactly_those_back(tmp_path
     assert contents(ksm) == {**SAVED, "pages_to_scan": 9}
 
 
+def test_stop_writes_run_only_and_is_restored(tmp_path: Path) -> None:
+    """A 2009 STOP's zeros never reach the host's pace: writing either would fail here."""
+    ksm = fake_ksm(tmp_path / "ksm", run=1)
+    refuse_writes(ksm, "pages_to_scan")
+    refuse_writes(ksm, "sleep_millisecs")
+    host = HostKsm(str(ksm))
+    before = host.settings()
+    host.stop()
+    assert host.settings() == {**before, "run": 0}
+    host.stop()  # stopped already: nothing written
+    assert host.restore() == {"run": 1} | {k: v for k, v in before.items() if k != "run"}
+    assert host.read("run") == 1
+
+
 def test_restore_without_apply_restores_nothing(tmp_path: Path) -> None:
     ksm = fake_ksm(tmp_path / "ksm", pages_to_scan=9)
     assert HostKsm(str(ksm)).restore() == {}
