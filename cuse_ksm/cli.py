@@ -15,6 +15,7 @@ import argparse
 import grp
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -155,6 +156,19 @@ def follow_on_host(engine: Engine, host_ksm: hostksm.HostKsm) -> Callable[[], No
     return engine.watch(follow)
 
 
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard one, and return it.
+
+    Every registered region pins three fds of its process (pidfd, pagemap,
+    mem: host/procmem.py), so the usual soft limit of 1024 would refuse
+    the 342nd REGISTER with EMFILE.  The daemon never calls select(), the
+    one reason to keep fds below 1024.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
 async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.serve) -> None:
     # Checked first: kernel mode on a host without KSM refuses to start at all.
     host_ksm = hostksm.HostKsm.open() if args.merge == "kernel" else None
@@ -164,8 +178,8 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
         host = None
         if host_ksm is not None:
             host = HostView(procfs.tgid, hostksm.mergeable_pages, hostksm.merging_pages, host_ksm.counters)
+            found = " ".join(f"{k}={v}" for k, v in host_ksm.save().items())
             follow_on_host(engine, host_ksm)
-            found = " ".join(f"{k}={v}" for k, v in host_ksm.settings().items())
             # Logged so that an administrator can put them back after a kill -9.
             log.info("merging for real through the host kernel's KSM; its settings now: %s (restored at exit)", found)
         device = KsmDevice(engine, ProcessMemory.open, host=host)
@@ -228,6 +242,7 @@ def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve)
     if args.trace:
         # Its own level: --trace shows even with --log-level warning.
         trace.log.setLevel(logging.INFO)
+    log.debug("open files limit: %d", raise_fd_limit())
     rc = 0
     # except*: the daemon's tasks run in nurseries, which raise what fails in
     # them inside an ExceptionGroup; a bare exception matches too.

@@ -86,3 +86,14 @@ def test_kernel_mode_refuses_a_host_without_ksm_in_one_line(tmp_path, ksm):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "no CUSE" in lines[0]  # past the KSM check: on to the channel
+
+
+def test_the_daemon_lifts_its_open_files_limit_for_the_fds_each_region_pins():
+    script = (
+        "import resource; from cuse_ksm.cli import raise_fd_limit; "
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+        "assert raise_fd_limit() == hard; print(resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard))"
+    )
+    result = python("-c", script)
+    assert result.stdout.strip() == "True", result.stderr

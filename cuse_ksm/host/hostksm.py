@@ -64,8 +64,9 @@ class HostKsm:
 
     def __init__(self, directory: str = KSM_DIR) -> None:
         self.directory = directory
-        # The KNOBS as they were before our first write, until restore() puts them back.
+        # The KNOBS as save() found them, which restore() puts back once we wrote any.
         self._saved: dict[str, int] = {}
+        self._wrote = False
 
     @classmethod
     def open(cls, directory: str = KSM_DIR) -> HostKsm:
@@ -95,6 +96,17 @@ class HostKsm:
         """The KNOBS now."""
         return {name: self.read(name) for name in KNOBS}
 
+    def save(self) -> dict[str, int]:
+        """Take the KNOBS as they are now as what restore() puts back, and return them.
+
+        The daemon saves at start: a program or another daemon that moves
+        the knobs later (the benchmark's madvise runs do) must not become
+        what this one restores.  apply() and stop() save by themselves if
+        nothing was saved yet.
+        """
+        self._saved = self.settings()
+        return dict(self._saved)
+
     def apply(self, run: bool, pages_to_scan: int, sleep_us: int) -> None:
         """Make the host's ksmd follow KSM_START_STOP_KTHREAD's values, saving the KNOBS before the first write.
 
@@ -111,6 +123,7 @@ class HostKsm:
         for name in _WRITE_ORDER:
             if now[name] != wanted[name]:
                 self._write(name, wanted[name])
+                self._wrote = True
 
     def stop(self) -> None:
         """Stop the host's ksmd (run=0), saving the KNOBS first as apply() does, and leave its pace alone.
@@ -122,14 +135,16 @@ class HostKsm:
             self._saved = self.settings()
         if self.read("run") != 0:
             self._write("run", 0)
+            self._wrote = True
 
     def restore(self) -> dict[str, int]:
-        """Put back every knob apply() saved; what was put back ({} if apply never ran, or on a second call).
+        """Put back every knob saved; what was put back ({} if we never wrote one, or on a second call).
 
         Called on the way out, so it never raises for one knob: it tries
         all of them, logs each failure and leaves that knob out of the result.
         """
-        saved, self._saved = self._saved, {}
+        saved = self._saved if self._wrote else {}
+        self._saved, self._wrote = {}, False
         restored = {}
         for name in _WRITE_ORDER if saved else ():
             value = 0 if name == "run" and saved[name] == _RUN_UNMERGE else saved[name]

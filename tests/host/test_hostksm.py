@@ -93,6 +93,19 @@ def test_stop_writes_run_only_and_is_restored(tmp_path: Path) -> None:
     assert host.read("run") == 1
 
 
+def test_what_was_saved_at_start_goes_back_not_what_others_wrote_later(tmp_path: Path) -> None:
+    """Two kernel-mode daemons, or a program writing the knobs itself: each daemon restores what it found."""
+    ksm = fake_ksm(tmp_path / "ksm")
+    host = HostKsm(str(ksm))
+    assert host.save() == SAVED
+    assert host.restore() == {}  # saved, but never written: nothing to put back
+    host.save()
+    (ksm / "pages_to_scan").write_text("100000\n")  # someone else, after our start
+    host.apply(run=True, pages_to_scan=500, sleep_us=0)
+    assert host.restore() == SAVED
+    assert contents(ksm) == SAVED
+
+
 def test_restore_without_apply_restores_nothing(tmp_path: Path) -> None:
     ksm = fake_ksm(tmp_path / "ksm", pages_to_scan=9)
     assert HostKsm(str(ksm)).restore() == {}
