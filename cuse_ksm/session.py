@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -197,7 +198,10 @@ class CuseSession:
         else:
             purpose = MERGE if outcome.advice == MADV_MERGEABLE else UNMERGE
             calls = tuple(madvise(addr, length, outcome.advice, purpose=purpose) for addr, length in outcome.ranges)
-            errand = Errand(calls, returns=outcome.result)
+            # No time limit: a madvise ends (unmerging a large region can take
+            # minutes), a SIGKILL of the caller ends it sooner, and the daemon
+            # serves on meanwhile.
+            errand = Errand(calls, returns=outcome.result, timeout=math.inf)
         borrow = Borrow(req, errand, outcome, time.perf_counter())
         self.borrows[req.pid] = borrow
         return borrow

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 from collections.abc import Sequence
 
@@ -125,6 +126,7 @@ def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSessio
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 16 * PAGE, MADV_MERGEABLE)]
     assert borrow.errand.returns == 0  # the 2009 result, whatever madvise says
+    assert borrow.errand.timeout == math.inf  # bounded work, however long: no ETIMEDOUT
     assert borrow.errand.calls[0].purpose == MERGE
     slot = the_slot(up)
     assert (slot.addr, slot.npages, slot.host_advice) == (BASE, 16, ADVICE_PENDING)  # recorded at once, as in 2009

@@ -891,4 +891,5 @@ async def borrow_from_ioctl(tid: int, errand: Errand, reply: Callable[[], None])
         raise BorrowError(
             EPERM, f"the caller is outside the daemon's pid namespace (thread id {tid}); cannot {purpose}"
         )
-    return await borrow(tid, errand, reply, expect_syscall=NR_IOCTL)
+    timeout = DEFAULT_TIMEOUT if errand.timeout is None else errand.timeout
+    return await borrow(tid, errand, reply, expect_syscall=NR_IOCTL, timeout=timeout)

@@ -134,6 +134,11 @@ class Errand:
 
     calls: tuple[Syscall, ...]
     returns: int | None = None
+    # Seconds the calls may take before the borrow gives up (ETIMEDOUT); None:
+    # the borrower's default.  An open may block for ever (a FIFO); a madvise
+    # is bounded work, but MADV_UNMERGEABLE copies every merged page back,
+    # which takes minutes for large regions on a slow machine.
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.calls:

@@ -31,7 +31,7 @@ problems=0
 problem() { say "FAIL: $*"; problems=$((problems + 1)); }
 ((rc == 0)) || problem "kernel_merge.sh exited with status $rc (124: it ran out of time)"
 
-for key in a b f c; do
+for key in a b x c; do
     line=$(grep "^$key: RESULT bench=merge " "$log")
     if [[ -z $line ]]; then
         problem "no RESULT line for run ($key)"
