@@ -117,13 +117,10 @@ class HostKsm:
         and the value.
         """
         now = self.settings()
-        if not self._saved:
-            self._saved = dict(now)
         wanted = {"sleep_millisecs": sleep_millisecs(sleep_us), "pages_to_scan": pages_to_scan, "run": int(run)}
         for name in _WRITE_ORDER:
             if now[name] != wanted[name]:
-                self._write(name, wanted[name])
-                self._wrote = True
+                self._change(name, wanted[name])
 
     def stop(self) -> None:
         """Stop the host's ksmd (run=0), saving the KNOBS first as apply() does, and leave its pace alone.
@@ -131,11 +128,8 @@ class HostKsm:
         A 2009 STOP carries zeros in its other fields; the pace of a stopped
         scanner is moot, and other users of the host's KSM keep theirs.
         """
-        if not self._saved:
-            self._saved = self.settings()
         if self.read("run") != 0:
-            self._write("run", 0)
-            self._wrote = True
+            self._change("run", 0)
 
     def restore(self) -> dict[str, int]:
         """Put back every knob saved; what was put back ({} if we never wrote one, or on a second call).
@@ -160,6 +154,13 @@ class HostKsm:
     def counters(self) -> HostCounters:
         """The counters now."""
         return HostCounters(**{field.name: self.read(field.name) for field in fields(HostCounters)})
+
+    def _change(self, name: str, value: int) -> None:
+        """Write a knob for our caller: saved first if nothing was, and restore() will put it back."""
+        if not self._saved:
+            self.save()
+        self._write(name, value)
+        self._wrote = True
 
     def _write(self, name: str, value: int) -> None:
         path = os.path.join(self.directory, name)
