@@ -8,22 +8,27 @@ never waits.  The trio task that runs the scanner is cuse_ksm/kksmd.py.
 - ``registry``: SMAs, slots and the address spaces they pin;
 - ``scanner``: the scan cursor and the per-page algorithm;
 - ``counters``: the scanner's running counts and the counters they mean;
+- ``pages``: each page's state as the scanner last saw it (``cuse-ksm pages``);
 - ``core``: :class:`Engine`, the face the device and control files use;
 - ``check``: a full consistency walk, for tests.
 """
 
 from cuse_ksm.engine.core import Engine
 from cuse_ksm.engine.counters import Counters
+from cuse_ksm.engine.pages import STATE_NAMES, PageSurvey, Run
 from cuse_ksm.engine.registry import AddressSpace, Slot, Sma
 from cuse_ksm.engine.trees import KsmPage, RmapChunk, RmapItem, StableTree, UnstableTree
 
 __all__ = [
+    "STATE_NAMES",
     "AddressSpace",
     "Counters",
     "Engine",
     "KsmPage",
+    "PageSurvey",
     "RmapChunk",
     "RmapItem",
+    "Run",
     "Slot",
     "Sma",
     "StableTree",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 
-from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.engine import Engine
 
 
@@ -21,11 +21,17 @@ def unique_page(n: int) -> bytes:
 
 
 class FakeSpace:
-    """An address space made of a dict {page address: content}; absent pages are not present."""
+    """An address space made of a dict {page address: content}; absent pages are not present.
+
+    Pages in ``zero`` read as mapping the kernel's zero page, those in
+    ``unreadable`` as present but failing to read (PAGE_ZERO, PAGE_UNREADABLE).
+    """
 
     def __init__(self, tgid: int = 1000) -> None:
         self.tgid = tgid
         self.pages: dict[int, bytes] = {}
+        self.zero: set[int] = set()
+        self.unreadable: set[int] = set()
         self.gone = False
         self.closes = 0  # how many times close() was called: an engine closes a space once
         self.reads = 0
@@ -58,14 +64,19 @@ class FakeSpace:
         self.reads += 1
         present = bytearray(npages)
         for i in range(npages):
-            data = self.pages.get(addr + i * PAGE_SIZE)
-            if data is not None:
+            at = addr + i * PAGE_SIZE
+            data = self.pages.get(at)
+            if at in self.zero:
+                present[i] = PAGE_ZERO
+            elif at in self.unreadable:
+                present[i] = PAGE_UNREADABLE
+            elif data is not None:
                 into[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
-                present[i] = 1
+                present[i] = PAGE_COPIED
         return bytes(present)
 
     def read_page(self, addr: int) -> bytes | None:
-        if self.gone:
+        if self.gone or addr in self.zero or addr in self.unreadable:
             return None
         return self.pages.get(addr)
 
