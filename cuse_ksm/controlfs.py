@@ -34,8 +34,13 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm.controltree import ControlTree, Node
+from cuse_ksm.engine.scanner import BATCH_SECONDS
 
 log = logging.getLogger(__name__)
+
+# Longest the building of one file's contents holds the daemon's loop at a
+# time: as long as one of the scanner's batches.
+READ_SLICE = BATCH_SECONDS
 
 
 # -- the pyfuse3 adapter -----------------------------------------------------------------
@@ -169,10 +174,23 @@ class ControlOperations(pyfuse3.Operations):
         f = self._files[fh]
         if off == 0:
             try:
-                f.snapshot = self.tree.read(f.inode)
+                f.snapshot = await self._contents(f.inode)
             except OSError as e:
                 raise _fuse_error(e) from None
         return f.snapshot[off : off + size]
+
+    async def _contents(self, inode: int) -> bytes:
+        """The file's contents, built piece by piece; the scanner and the device run between pieces
+        whenever building has taken READ_SLICE seconds (a ``pages`` file of a multi-GiB region)."""
+        parts = []
+        clock = time.perf_counter
+        deadline = clock() + READ_SLICE
+        for part in self.tree.read_parts(inode):
+            parts.append(part)
+            if clock() > deadline:
+                await trio.sleep(0)
+                deadline = clock() + READ_SLICE
+        return b"".join(parts)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         # As sysfs: each write() is one whole value, whatever the offset.

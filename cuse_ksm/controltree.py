@@ -43,7 +43,7 @@ import dataclasses
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     # Only for annotations: importing the engine would import what it needs
     # to run (trio, xxhash, ...), and ``cuse-ksm status`` needs none of it.
     from cuse_ksm.device import HostView
-    from cuse_ksm.engine import Engine, Slot
+    from cuse_ksm.engine import Engine, PageSurvey, Slot
 
 DEFAULT_ROOT = "/run/cuse-ksm"
 
@@ -225,6 +225,62 @@ def regions_text(slots: list[Slot], host: HostView | None = None) -> bytes:
     return "".join(lines).encode()
 
 
+# ``processes/<pid>/pages`` and ``page_runs``: each page's state (engine/pages.py).
+# The state names come from the engine (STATE_NAMES), in its order.
+PAGES_SHARED_SHOWN = 16  # shared pages listed per region in ``pages``, most pages first
+
+
+def region_line(slot: Slot) -> str:
+    """The line that opens a region's block in ``pages`` and ``page_runs``."""
+    return f"region {slot.sma.id} {slot.addr:#x} {slot.npages}\n"
+
+
+def pages_text(survey: PageSurvey) -> str:
+    """A region's block of ``processes/<pid>/pages``, from a finished survey.
+
+    ``region SMA ADDR NPAGES``; ``state NAME PAGES`` for every state;
+    ``shared_pages N``, the shared pages the region maps; then up to
+    PAGES_SHARED_SHOWN lines ``shared ID SHARERS PAGES [zeros]``: the shared
+    page's id, how many pages map it in all, how many of them are in this
+    region, and ``zeros`` when its content is all zeros.
+    """
+    from cuse_ksm.engine import STATE_NAMES
+
+    lines = [region_line(survey.slot)]
+    lines += [f"state {STATE_NAMES[state]} {n}\n" for state, n in survey.counts.items()]
+    lines.append(f"shared_pages {len(survey.shared)}\n")
+    top = sorted(survey.shared.items(), key=lambda kv: (-kv[1], kv[0]))[:PAGES_SHARED_SHOWN]
+    for kid, here in top:
+        zeros = " zeros" if kid in survey.zeros else ""
+        lines.append(f"shared {kid} {survey.sharers[kid]} {here}{zeros}\n")
+    return "".join(lines)
+
+
+RUNS_PER_PIECE = 1024  # lines of ``page_runs`` formatted between two chances for the scanner to run
+
+
+def page_runs_text(survey: PageSurvey) -> Iterator[str]:
+    """A region's block of ``processes/<pid>/page_runs``, from a finished survey with runs, in pieces.
+
+    ``region SMA ADDR NPAGES``, then ``run ADDR NPAGES STATE`` per run of
+    pages in one state, in address order; a merged run adds ``ID SHARERS``
+    of its shared page, and ``zeros`` when its content is all zeros.
+    """
+    from cuse_ksm.engine import STATE_NAMES
+
+    slot = survey.slot
+    yield region_line(slot)
+    runs = survey.runs
+    for at in range(0, len(runs), RUNS_PER_PIECE):
+        lines = []
+        for r in runs[at : at + RUNS_PER_PIECE]:
+            line = f"run {slot.base + r.start * abi.PAGE_SIZE:#x} {r.npages} {STATE_NAMES[r.state]}"
+            if r.kpage:
+                line += f" {r.kpage} {survey.sharers[r.kpage]}" + (" zeros" if r.kpage in survey.zeros else "")
+            lines.append(line + "\n")
+        yield "".join(lines)
+
+
 # -- the host kernel's figures (kernel mode) ----------------------------------------
 
 HostValue = Callable[["ControlTree", "HostView"], int]
@@ -252,8 +308,9 @@ _INODE_HOST = {ino: name for name, ino in _HOST_INODES.items()}
 # Per-process inodes are computed from the tgid, so they need no table and
 # stay valid for as long as the process is registered.
 _PROC_BASE = 1 << 32
-_PROC_STRIDE = 4
-PROCESS_FILES = ("ksm_merging_pages", "regions", "host_ksm_merging_pages")  # the last in kernel mode only
+_PROC_STRIDE = 8
+# The host_ ones in kernel mode only.
+PROCESS_FILES = ("ksm_merging_pages", "regions", "host_ksm_merging_pages", "pages", "page_runs")
 
 
 @dataclass(frozen=True)
@@ -291,7 +348,7 @@ class ControlTree:
         self.engine = engine
         self.host = host
         self.cross_check: bool = cross_check
-        self._process_files = PROCESS_FILES if host is not None else PROCESS_FILES[:2]
+        self._process_files = tuple(n for n in PROCESS_FILES if host is not None or not n.startswith("host_"))
         self._host_inodes = _HOST_INODES if host is not None else {}
 
     # the processes --------------------------------------------------------------
@@ -327,7 +384,7 @@ class ControlTree:
             return Node(inode, _RO_MODE)
         if inode >= _PROC_BASE:
             tgid, k = self._split_process_inode(inode)
-            if k < len(self._process_files) and self.regions(tgid):
+            if (k == -1 or (k < len(PROCESS_FILES) and PROCESS_FILES[k] in self._process_files)) and self.regions(tgid):
                 return Node(inode, _DIR_MODE if k == -1 else _RO_MODE)
         return None
 
@@ -341,7 +398,7 @@ class ControlTree:
         node = self.node(inode)
         if node is not None and node.is_dir:
             tgid, _ = self._split_process_inode(inode)
-            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(self._process_files)]
+            return [(name, self.process_inode(tgid, PROCESS_FILES.index(name))) for name in self._process_files]
         raise OSError(errno.ENOTDIR, "not a directory")
 
     def lookup(self, parent: int, name: str) -> int | None:
@@ -362,9 +419,21 @@ class ControlTree:
     # contents -----------------------------------------------------------------
 
     def read(self, inode: int) -> bytes:
+        return b"".join(self.read_parts(inode))
+
+    def read_parts(self, inode: int) -> Iterator[bytes]:
+        """The contents of ``inode``, in pieces: between two pieces the caller may let the scanner run.
+
+        Most files are one piece.  ``pages`` and ``page_runs`` are built a
+        chunk of a region at a time (:meth:`PageSurvey.steps`), yielding an
+        empty piece after each step, so that a read of a multi-GiB region
+        never holds the daemon's loop for long (controlfs checkpoints
+        between pieces).
+        """
         value = _INODE_VALUES.get(inode)
         if value is not None:
-            return read_value(self.engine, value.name)
+            yield read_value(self.engine, value.name)
+            return
         node = self.node(inode)
         if node is None:
             raise OSError(errno.ENOENT, "no such file")
@@ -372,14 +441,25 @@ class ControlTree:
             raise OSError(errno.EISDIR, "is a directory")
         host = self.host
         if inode in _INODE_HOST and host is not None:
-            return b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
+            yield b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
+            return
         tgid, k = self._split_process_inode(inode)
         name = PROCESS_FILES[k]
+        if name in ("pages", "page_runs"):
+            runs = name == "page_runs"
+            for slot in self.regions(tgid):
+                survey = self.engine.survey(slot, runs=runs)
+                for _ in survey.steps():
+                    yield b""
+                for text in page_runs_text(survey) if runs else [pages_text(survey)]:
+                    yield text.encode()
+            return
         if name == "ksm_merging_pages":
-            return b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
-        if name == "host_ksm_merging_pages" and host is not None:
-            return b"%d\n" % (host.merging_pages(tgid) or 0)
-        return regions_text(self.regions(tgid), host)
+            yield b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
+        elif name == "host_ksm_merging_pages" and host is not None:
+            yield b"%d\n" % (host.merging_pages(tgid) or 0)
+        else:
+            yield regions_text(self.regions(tgid), host)
 
     def write(self, inode: int, data: bytes) -> None:
         value = _INODE_VALUES.get(inode)

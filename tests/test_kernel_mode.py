@@ -319,6 +319,8 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
         "ksm_merging_pages",
         "regions",
         "host_ksm_merging_pages",
+        "pages",
+        "page_runs",
     ]
     assert read(f"processes/{A}/host_ksm_merging_pages") == b"4096\n"
     assert read(f"processes/{A}/regions").decode().splitlines() == [

@@ -13,10 +13,9 @@ from cuse_ksm.engine import STATE_NAMES, Engine, PageSurvey, Run, Slot
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.pages import NOT_SCANNED
 from cuse_ksm.engine.trees import CHUNK_SHIFT, UNREADABLE
-from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
-
-A = 0x7F00_0000_0000
-NPAGES = 700  # three chunks: 0-255, 256-511 (only a zero page in it), 512-699
+from tests.engine.fakes import MIXED_ADDR as A
+from tests.engine.fakes import MIXED_PAGES as NPAGES
+from tests.engine.fakes import FakeSpace, full_scans, mixed, page, unique_page
 
 
 def at(i: int) -> int:
@@ -26,39 +25,6 @@ def at(i: int) -> int:
 def counts(engine: Engine, slot: Slot) -> dict[str, int]:
     survey = engine.survey(slot).run()
     return {STATE_NAMES[s]: n for s, n in survey.counts.items() if n}
-
-
-def mixed() -> tuple[Engine, FakeSpace, Slot]:
-    """Four passes over one region that leave pages in every state but not_scanned."""
-    engine = Engine()
-    space = FakeSpace(77)
-    space.map(A, [page(1)] * 10)  # 0-9: identical, merge
-    space.map(at(10), [unique_page(100 + i) for i in range(5)])  # 10-14: unique
-    space.map(at(15), [unique_page(200 + i) for i in range(5)])  # 15-19: rewritten before every pass
-    space.map(at(20), [page(2)] * 2)  # 20-21: merge, then 21 is written
-    space.zero |= {at(22), at(23), at(300)}  # only read: 300 alone in its chunk
-    space.pages[at(24)] = page(9)
-    space.unreadable.add(at(24))
-    space.map(at(512), [unique_page(300 + i) for i in range(4)])  # 512-515: unique, third chunk
-    slot = engine.register(engine.new_sma(), space, A, NPAGES)
-
-    def rewrite_volatile(n: int) -> None:
-        space.map(at(15), [unique_page(1000 * n + i) for i in range(5)])
-
-    full_scans(engine, 1)
-    rewrite_volatile(2)
-    full_scans(engine, 1)
-    rewrite_volatile(3)
-    engine.max_kernel_pages = 2  # the two shared pages there are: no third
-    space.map(at(30), [page(3)] * 2)  # 30-31: a new pair, first seen in pass 3
-    full_scans(engine, 1)
-    check_engine(engine)
-    rewrite_volatile(4)
-    space.write(at(21), unique_page(500))  # a merged page written: COW
-    space.write(at(32), unique_page(600))  # first seen in the last pass
-    full_scans(engine, 1)
-    check_engine(engine)
-    return engine, space, slot
 
 
 def test_every_state_counted_exactly_and_the_counters_unchanged() -> None:
