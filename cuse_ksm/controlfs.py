@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 # Longest the building of one file's contents holds the daemon's loop at a
 # time: as long as one of the scanner's batches.
 READ_SLICE = BATCH_SECONDS
+# While the scanner runs, the most of the loop's time that building a large
+# file (``pages`` of a multi-GiB region) may take: after each slice it waits
+# 19 times as long, so that the scanner keeps 95 % (docs/benchmarks.md).
+READ_SHARE = 0.05
 
 
 # -- the pyfuse3 adapter -----------------------------------------------------------------
@@ -181,15 +185,21 @@ class ControlOperations(pyfuse3.Operations):
 
     async def _contents(self, inode: int) -> bytes:
         """The file's contents, built piece by piece; the scanner and the device run between pieces
-        whenever building has taken READ_SLICE seconds (a ``pages`` file of a multi-GiB region)."""
+        whenever building has taken READ_SLICE seconds (a ``pages`` file of a multi-GiB region).
+
+        While the scanner runs, each such pause lasts long enough that building
+        takes at most READ_SHARE of the loop's time; otherwise it is a checkpoint.
+        """
         parts = []
         clock = time.perf_counter
-        deadline = clock() + READ_SLICE
+        start = clock()
         for part in self.tree.read_parts(inode):
             parts.append(part)
-            if clock() > deadline:
-                await trio.sleep(0)
-                deadline = clock() + READ_SLICE
+            spent = clock() - start
+            if spent > READ_SLICE:
+                running = self.tree.engine.running()
+                await trio.sleep(spent * (1 / READ_SHARE - 1) if running else 0)
+                start = clock()
         return b"".join(parts)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:

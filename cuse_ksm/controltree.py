@@ -251,8 +251,9 @@ def pages_text(survey: PageSurvey) -> str:
     lines.append(f"shared_pages {len(survey.shared)}\n")
     top = sorted(survey.shared.items(), key=lambda kv: (-kv[1], kv[0]))[:PAGES_SHARED_SHOWN]
     for kid, here in top:
-        zeros = " zeros" if kid in survey.zeros else ""
-        lines.append(f"shared {kid} {survey.sharers[kid]} {here}{zeros}\n")
+        page = survey.shared_page(kid)
+        if page is not None:  # else freed since its chunk was surveyed
+            lines.append(f"shared {kid} {page[0]} {here}{' zeros' if page[1] else ''}\n")
     return "".join(lines)
 
 
@@ -275,8 +276,11 @@ def page_runs_text(survey: PageSurvey) -> Iterator[str]:
         lines = []
         for r in runs[at : at + RUNS_PER_PIECE]:
             line = f"run {slot.base + r.start * abi.PAGE_SIZE:#x} {r.npages} {STATE_NAMES[r.state]}"
-            if r.kpage:
-                line += f" {r.kpage} {survey.sharers[r.kpage]}" + (" zeros" if r.kpage in survey.zeros else "")
+            page = survey.shared_page(r.kpage) if r.kpage else None
+            if page is not None:
+                line += f" {r.kpage} {page[0]}" + (" zeros" if page[1] else "")
+            elif r.kpage:
+                line += f" {r.kpage} 0"  # freed since its chunk was surveyed: no sharer left
             lines.append(line + "\n")
         yield "".join(lines)
 

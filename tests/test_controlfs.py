@@ -325,3 +325,27 @@ async def test_the_loop_runs_between_the_pieces_of_a_large_pages_file(
     # Another task ran between the pieces.  Not between every two: trio may run
     # the reader twice in a row when it reverses a batch of runnable tasks.
     assert len(seen) == 64 + 1 and len(set(seen)) >= 16, seen
+
+
+@pytest.mark.parametrize("running", [False, True])
+async def test_while_the_scanner_runs_a_large_file_takes_a_small_share_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, running: bool
+) -> None:
+    """Between pieces the build waits READ_SHARE's complement of its time, but only while the scanner runs."""
+    monkeypatch.setattr(controlfs, "READ_SLICE", 0.0)  # a pause after every piece
+    engine = Engine()
+    space = FakeSpace(31)
+    for i in range(0, 1 << 12, 1 << 8):
+        space.map(0x10_0000 + i * abi.PAGE_SIZE, [unique_page(i)])
+    engine.register(engine.new_sma(), space, 0x10_0000, 1 << 12)
+    engine.scan_now(1 << 12)
+    if running:
+        engine.set_kthread(sleep=0, pages_to_scan=100, flags=1)
+    tree = ControlTree(engine)
+    inode = tree.path("processes/31/pages")
+    assert inode is not None
+    before = trio.current_time()
+    text = await controlfs.ControlOperations(tree)._contents(inode)
+    assert text == tree.read(inode)
+    # Virtual time passes only in the pauses: none when the scanner is idle.
+    assert (trio.current_time() > before) == running

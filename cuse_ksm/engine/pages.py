@@ -81,11 +81,10 @@ class PageSurvey:
     """The states of the pages of one slot, gathered a chunk at a time (:meth:`steps`).
 
     After the steps: ``counts`` (pages per state, every state present),
-    ``shared`` (pages of the region that map each shared page, by id),
-    ``sharers`` (how many pages map each of those shared pages, in all
-    regions), ``zeros`` (those of them whose content is all zeros) and, with
-    ``runs=True``, ``runs`` (consecutive pages in one state; merged pages
-    split by shared page).
+    ``shared`` (pages of the region that map each shared page, by id) and,
+    with ``runs=True``, ``runs`` (consecutive pages in one state; merged
+    pages split by shared page).  :meth:`shared_page` says how many pages
+    map a shared page in all, and whether it holds zeros, when asked.
     """
 
     stable: StableTree
@@ -93,9 +92,12 @@ class PageSurvey:
     want_runs: bool = False
     counts: dict[int, int] = field(default_factory=lambda: dict.fromkeys(STATE_NAMES, 0))
     shared: Counter[int] = field(default_factory=Counter)
-    sharers: dict[int, int] = field(default_factory=dict)
-    zeros: set[int] = field(default_factory=set)
     runs: list[Run] = field(default_factory=list)
+
+    def shared_page(self, kid: int) -> tuple[int, bool] | None:
+        """(sharers in all regions, content all zeros) of shared page ``kid`` now; None once it is freed."""
+        kpage = self.stable.by_id.get(kid)
+        return None if kpage is None else (kpage.sharers, kpage.data == _ZEROS)
 
     def steps(self) -> Iterator[None]:
         """Survey the slot, yielding after each chunk (or gap between chunks) surveyed."""
@@ -153,14 +155,8 @@ class PageSurvey:
             counts[state] += states.count(state)
         word = chunk.word
         if MERGED in states:
-            here = Counter(itertools.compress(word, states.translate(_IS_MERGED)))
-            self.shared.update(here)
-            by_id = self.stable.by_id
-            for kid in here:
-                kpage = by_id[kid]
-                self.sharers[kid] = kpage.sharers
-                if kpage.data == _ZEROS:
-                    self.zeros.add(kid)
+            # An iterable (not a mapping): Counter counts it in C.
+            self.shared.update(itertools.compress(word, states.translate(_IS_MERGED)))
         if not self.want_runs:
             return
         for m in _RUNS.finditer(states):

@@ -57,8 +57,7 @@ def test_the_shared_pages_a_region_maps_and_their_sharers() -> None:
     one, ten = by_content[page(1)]
     two, alone = by_content[page(2)]
     assert (ten, alone) == (10, 1)
-    assert survey.sharers == {one: 10, two: 1}
-    assert survey.zeros == set()
+    assert (survey.shared_page(one), survey.shared_page(two)) == ((10, False), (1, False))
 
 
 def test_runs_in_address_order_merged_ones_split_by_shared_page() -> None:
