@@ -178,12 +178,12 @@ class ControlOperations(pyfuse3.Operations):
         f = self._files[fh]
         if off == 0:
             try:
-                f.snapshot = await self._contents(f.inode)
+                f.snapshot = await self.contents(f.inode)
             except OSError as e:
                 raise _fuse_error(e) from None
         return f.snapshot[off : off + size]
 
-    async def _contents(self, inode: int) -> bytes:
+    async def contents(self, inode: int) -> bytes:
         """The file's contents, built piece by piece; the scanner and the device run between pieces
         whenever building has taken READ_SLICE seconds (a ``pages`` file of a multi-GiB region).
 

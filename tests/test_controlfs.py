@@ -345,7 +345,7 @@ async def test_while_the_scanner_runs_a_large_file_takes_a_small_share_of_the_lo
     inode = tree.path("processes/31/pages")
     assert inode is not None
     before = trio.current_time()
-    text = await controlfs.ControlOperations(tree)._contents(inode)
+    text = await controlfs.ControlOperations(tree).contents(inode)
     assert text == tree.read(inode)
     # Virtual time passes only in the pauses: none when the scanner is idle.
     assert (trio.current_time() > before) == running
