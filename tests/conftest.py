@@ -129,7 +129,8 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
 def sma_of(borrow: Borrow) -> Sma:
     """The SMA a hand-out's borrow hands out (the test fails if the borrow is no hand-out)."""
     assert isinstance(borrow.outcome, HandOut), borrow.outcome
-    return borrow.outcome.sma
+    assert isinstance(borrow.outcome.target, Sma), borrow.outcome
+    return borrow.outcome.target
 
 
 def get_info(engine: Engine) -> abi.KthreadInfo:

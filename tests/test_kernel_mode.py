@@ -164,7 +164,7 @@ def test_a_failing_madvise_is_logged_and_shown_and_the_ioctl_still_returns_0(up:
     up.borrowed(borrow, (-errno.ENOMEM,))
     assert the_slot(up).host_advice == "ENOMEM"
     assert (
-        f"KSM_REGISTER_MEMORY_REGION from tid {A + 1}: madvise({BASE:#x}, {16 * PAGE:#x}) failed with ENOMEM "
+        f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {A + 1}: madvise({BASE:#x}, {16 * PAGE:#x}) failed with ENOMEM "
         "(part of the range is not mapped; the mapped parts were advised)"
     ) in caplog.messages
 
@@ -285,7 +285,7 @@ def test_a_failing_unmerge_is_logged(up: CuseSession, caplog) -> None:
 
 def test_emulation_never_borrows_for_register_or_remove() -> None:
     device = KsmDevice(Engine(), FakeSpace)
-    fh = device.open(sma=device.engine.new_sma()).fh
+    fh = device.open(handed=device.engine.new_sma()).fh
     region = abi.MemoryRegion(npages=16, addr=BASE).pack()
     assert device.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, A, region) == device.ioctl(
         fh, abi.KSM_REMOVE_MEMORY_REGION, A, b""

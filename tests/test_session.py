@@ -214,7 +214,7 @@ def test_a_successful_hand_out(up, caplog):
     assert up.borrows == {TID: borrow}  # still in flight until the borrowed call returns
     assert up.borrowed(borrow, (7,)) is None
     assert up.borrows == {}
-    assert f"SMA {sma_of(borrow).id} handed to tid {TID} as fd 7" in caplog.text
+    assert f"sma#{sma_of(borrow).id} handed to tid {TID} as fd 7" in caplog.text
     # The SMA lives on behind its file.
     assert up.device.engine.smas == {sma_of(borrow).id: sma_of(borrow)}
     req = ioctl(sma_fh, abi.KSM_REMOVE_MEMORY_REGION)

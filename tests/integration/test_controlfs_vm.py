@@ -222,7 +222,7 @@ def test_second_daemon_mounts_its_own_dir_traces_and_unmounts():
     assert len(lines) == 3, err
     assert re.search(rf"trace: pid {me} /dev/{name} KSM_GET_API_VERSION 0 = 1 <[\d.]+ ms>$", lines[0]), lines
     assert re.search(
-        rf"trace: pid {me} /dev/{name} KSM_START_STOP_KTHREAD "
+        rf"trace: pid {me} /dev/{name} KSM_START_STOP_KTHREAD\[2009-03\] "
         r"\{sleep=9, pages_to_scan=0, flags=0x1, pad=0, reserved_bits=0\} = 1 <",
         lines[1],
     ), lines

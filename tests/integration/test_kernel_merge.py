@@ -334,7 +334,9 @@ def test_register_of_an_unmapped_range_is_logged_and_shown(kd: KernelDaemon) -> 
         addr = int(c("reg 8 0x61").split()[1], 16)
         assert c("unmap") == "ok"
         assert c("again") == "ok"  # the 2009 driver returned 0: so does kernel mode
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {c.pid}: madvise({addr:#x}, 0x8000) failed")
+        line = wait_for_log(
+            kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {c.pid}: madvise({addr:#x}, 0x8000) failed"
+        )
         assert "WARNING" in line and "ENOMEM" in line and "not mapped" in line, line
         mapped, unmapped = regions(kd, c.pid)
         assert mapped[4:] == ["ok", "0"], mapped  # advised, then unmapped: nothing left to merge
@@ -346,7 +348,7 @@ def test_register_of_a_shared_mapping_is_logged_and_shown(kd: KernelDaemon) -> N
     with Client(kd.device) as c:
         assert c("sma").startswith("ok ")
         assert c("shared 8 0x62").startswith("ok ")
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {c.pid}: only 0 of the region's 8 pages")
+        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {c.pid}: only 0 of the region's 8 pages")
         assert "WARNING" in line and "(8 mapped)" in line and "shared" in line, line
         (row,) = regions(kd, c.pid)
         assert row[4:] == ["ok", "0"], row  # madvise said 0, and the kernel ignores it
@@ -369,7 +371,7 @@ def test_register_from_a_traced_caller_is_logged_and_shown(kd: KernelDaemon) -> 
             assert lines[-1], "".join(lines)
         tracer = int(next(line for line in lines if line.startswith("tracer ")).split()[1])
         child = int(next(line for line in lines if line.startswith("registered ")).split()[1])
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {child}: madvise(")
+        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {child}: madvise(")
         assert "WARNING" in line and "failed with EBUSY" in line, line
         assert f"thread {child} is already being traced by pid {tracer}" in line, line
         (row,) = regions(kd, child)
