@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 import pytest
@@ -24,6 +23,7 @@ from cuse_ksm.engine import Engine, Slot
 from cuse_ksm.host.hostksm import HostCounters, HostKsm
 from cuse_ksm.host.syscall import MADV_MERGEABLE, MADV_UNMERGEABLE, NR_MADVISE
 from cuse_ksm.session import MERGE, UNMERGE, Borrow, CuseSession
+from tests.conftest import hand_out
 from tests.engine.fakes import FakeSpace
 
 PAGE = abi.PAGE_SIZE
@@ -69,23 +69,6 @@ def up(host: Host) -> CuseSession:
 _uniques = iter(range(100, 1 << 30, 2))
 
 
-def sma(session: CuseSession, tid: int = A + 1) -> int:
-    """A new SMA's fh, handed out as the daemon does."""
-    dev = session.receive(p.Open(next(_uniques), tid, os.O_RDWR))
-    assert isinstance(dev, bytes)
-    fh = p.OPEN_OUT.unpack_from(dev, p.OUT_HEADER.size)[0]
-    out = session.receive(p.Ioctl(next(_uniques), tid, fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, 0, 0, b"", False))
-    assert isinstance(out, tuple)
-    (borrow,) = out
-    assert isinstance(borrow, Borrow)
-    session.complete_ioctl(borrow)
-    opened = session.receive(p.Open(next(_uniques), tid, os.O_RDWR))
-    assert isinstance(opened, bytes)
-    session.borrowed(borrow, (5,))
-    sma_fh: int = p.OPEN_OUT.unpack_from(opened, p.OUT_HEADER.size)[0]
-    return sma_fh
-
-
 def register(session: CuseSession, fh: int, addr: int, npages: int, tid: int = A + 1) -> bytes | Borrow:
     region = abi.MemoryRegion(npages=npages, addr=addr).pack()
     req = p.Ioctl(next(_uniques), tid, fh, abi.KSM_REGISTER_MEMORY_REGION, 0, 0, region, False)
@@ -121,7 +104,7 @@ def the_slot(session: CuseSession) -> Slot:
 
 
 def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSession, host: Host) -> None:
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     borrow = register(up, fh, BASE, 16)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 16 * PAGE, MADV_MERGEABLE)]
@@ -139,26 +122,26 @@ def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSessio
 
 def test_an_unaligned_region_is_advised_from_the_page_that_holds_it(up: CuseSession) -> None:
     """The 2009 driver scanned from the page holding addr; madvise wants that page's address."""
-    borrow = register(up, sma(up), BASE + 123, 2)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE + 123, 2)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 2 * PAGE, MADV_MERGEABLE)]
 
 
 def test_a_region_of_no_pages_needs_no_madvise(up: CuseSession) -> None:
-    out = register(up, sma(up), BASE, 0)
+    out = register(up, hand_out(up, A + 1)[1], BASE, 0)
     assert isinstance(out, bytes) and p.IOCTL_OUT.unpack_from(out, p.OUT_HEADER.size)[0] == 0
     assert the_slot(up).host_advice == ""
 
 
 def test_a_region_that_wraps_is_clipped_to_the_address_space(up: CuseSession) -> None:
     top = (1 << 64) - 4 * PAGE
-    borrow = register(up, sma(up), top, 0xFFFFFFFF)
+    borrow = register(up, hand_out(up, A + 1)[1], top, 0xFFFFFFFF)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(top, 4 * PAGE, MADV_MERGEABLE)]
 
 
 def test_a_failing_madvise_is_logged_and_shown_and_the_ioctl_still_returns_0(up: CuseSession, caplog) -> None:
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (-errno.ENOMEM,))
@@ -171,7 +154,7 @@ def test_a_failing_madvise_is_logged_and_shown_and_the_ioctl_still_returns_0(up:
 
 def test_a_shared_mapping_is_reported_although_madvise_returned_0(up: CuseSession, host: Host, caplog) -> None:
     host.mergeable[(A, BASE, 16)] = (16, 0)  # MAP_SHARED: the kernel ignores the advice
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (0,))
@@ -184,7 +167,7 @@ def test_a_shared_mapping_is_reported_although_madvise_returned_0(up: CuseSessio
 def test_a_region_unmapped_before_we_look_is_no_shared_mapping(up: CuseSession, host: Host, caplog) -> None:
     """The caller's ioctl returns before the daemon reads smaps: what it unmapped meanwhile is not reported."""
     host.mergeable[(A, BASE, 16)] = (4, 4)  # 12 pages unmapped since madvise marked them
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (0,))
@@ -195,7 +178,7 @@ def test_a_region_unmapped_before_we_look_is_no_shared_mapping(up: CuseSession, 
 @pytest.mark.parametrize("replied", [False, True])
 def test_a_caller_that_cannot_be_borrowed_still_gets_0(up: CuseSession, caplog, replied: bool) -> None:
     """A traced caller (EBUSY), before or after its ioctl was completed: one answer, 0, and a log line."""
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     if replied:
         up.complete_ioctl(borrow)
@@ -210,7 +193,7 @@ def test_a_caller_that_cannot_be_borrowed_still_gets_0(up: CuseSession, caplog, 
 
 def test_a_caller_killed_in_its_madvise_is_no_warning(up: CuseSession, caplog) -> None:
     caplog.set_level(logging.INFO, logger="cuse_ksm.session")
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     assert up.borrow_failed(borrow, errno.ESRCH, "thread 101 was killed while borrowed") is None
@@ -218,14 +201,14 @@ def test_a_caller_killed_in_its_madvise_is_no_warning(up: CuseSession, caplog) -
 
 
 def test_stopping_the_daemon_mid_madvise_answers_0(up: CuseSession) -> None:
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     assert up.borrow_cancelled(borrow) == p.reply_ioctl(borrow.request.unique, 0)
 
 
 def test_a_region_removed_while_its_madvise_runs_is_reported(up: CuseSession, caplog) -> None:
     """Thread 1 is on its way to MADV_MERGEABLE when thread 2 REMOVEs: the advice outlives the region."""
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     borrow = register(up, fh, BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
@@ -246,7 +229,7 @@ def finish(session: CuseSession, out: bytes | Borrow) -> None:
 
 def test_remove_unmerges_what_the_process_no_longer_registers(up: CuseSession) -> None:
     """Only the caller's process, and never a range another of its regions still covers."""
-    first, second = sma(up), sma(up)
+    first, second = hand_out(up, A + 1)[1], hand_out(up, A + 1)[1]
     finish(up, register(up, first, BASE, 16))  # [0, 16)
     finish(up, register(up, first, BASE + 32 * PAGE, 8))  # [32, 40)
     finish(up, register(up, first, BASE + 100 * PAGE, 4, tid=B + 1))  # another process's region on the same SMA
@@ -266,7 +249,7 @@ def test_remove_unmerges_what_the_process_no_longer_registers(up: CuseSession) -
 
 
 def test_remove_of_ranges_still_registered_needs_no_madvise(up: CuseSession) -> None:
-    first, second = sma(up), sma(up)
+    first, second = hand_out(up, A + 1)[1], hand_out(up, A + 1)[1]
     finish(up, register(up, first, BASE, 4))
     finish(up, register(up, second, BASE, 16))
     out = remove(up, first)
@@ -274,7 +257,7 @@ def test_remove_of_ranges_still_registered_needs_no_madvise(up: CuseSession) -> 
 
 
 def test_a_failing_unmerge_is_logged(up: CuseSession, caplog) -> None:
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     finish(up, register(up, fh, BASE, 4))
     borrow = remove(up, fh)
     assert isinstance(borrow, Borrow)
@@ -298,7 +281,7 @@ def test_emulation_never_borrows_for_register_or_remove() -> None:
 
 
 def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, host: Host) -> None:
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     finish(up, register(up, fh, BASE, 16))
     failed = register(up, fh, BASE + 64 * PAGE, 8)
     assert isinstance(failed, Borrow)
@@ -329,7 +312,7 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
 
 
 def test_emulate_mode_has_no_host_files(up: CuseSession) -> None:
-    finish(up, register(up, sma(up), BASE, 16))
+    finish(up, register(up, hand_out(up, A + 1)[1], BASE, 16))
     tree = ControlTree(up.device.engine)
     assert not any(name.startswith("host_") or name == "cross_check" for name, _ in tree.entries(1))
     assert tree.path("host_pages_sharing") is None

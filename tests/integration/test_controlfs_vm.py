@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pyksm import Ksm
 
-from tests.integration.conftest import C_BIN, DEVICE, ROOT, run_c, start_daemon, stop_daemon
+from tests.integration.conftest import DEVICE, ROOT, keep_sample, ready_program, start_daemon, stop_daemon
 
 STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))
 NPAGES = 64
@@ -45,13 +45,6 @@ def write(name: str, data: str, directory: Path = STATS) -> int:
     return 0
 
 
-def keep_sample(name: str, text: str) -> None:
-    """Save real output next to the VM logs (tests/vm/out), where the README's samples come from."""
-    out = ROOT / "tests" / "vm" / "out"
-    if out.is_dir():
-        (out / name).write_text(text)
-
-
 def wait_until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -76,30 +69,8 @@ def kthread_restored() -> Iterator[None]:
 @pytest.fixture
 def merger(kthread_restored) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """tests/c/ksm_merge_wait: NPAGES identical pages, registered, scanner started by ioctl; waits on stdin."""
-    run_c("ksm_abi_sequence")  # builds tests/c if needed
-    proc = subprocess.Popen(
-        [str(C_BIN / "ksm_merge_wait"), str(NPAGES), "256", "20000"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    out = ""
-    for line in proc.stdout:
-        out += line
-        if line.startswith("ready "):
-            break
-    m = re.search(r"^ready (\d+) (0x[0-9a-f]+)$", out, re.M)
-    assert m, f"ksm_merge_wait did not get ready: {out}"
-    try:
-        yield proc, int(m.group(1)), int(m.group(2), 16)
-    finally:
-        proc.stdin.close()  # lets it close its SMA and exit
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with ready_program("ksm_merge_wait", str(NPAGES), "256", "20000") as started:
+        yield started
 
 
 def test_the_mount_is_there():
