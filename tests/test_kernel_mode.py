@@ -69,9 +69,18 @@ def up(host: Host) -> CuseSession:
 _uniques = iter(range(100, 1 << 30, 2))
 
 
-def register(session: CuseSession, fh: int, addr: int, npages: int, tid: int = A + 1) -> bytes | Borrow:
-    region = abi.MemoryRegion(npages=npages, addr=addr).pack()
-    req = p.Ioctl(next(_uniques), tid, fh, abi.KSM_REGISTER_MEMORY_REGION, 0, 0, region, False)
+# The REGISTER of each ABI, with its struct (the January one is 16 bytes).
+REGISTERS = {
+    abi.KSM_REGISTER_MEMORY_REGION: abi.MemoryRegion,
+    abi.KSM_REGISTER_MEMORY_REGION_2009_01: abi.MemoryRegion2009Jan,
+}
+
+
+def register(
+    session: CuseSession, fh: int, addr: int, npages: int, tid: int = A + 1, cmd: int = abi.KSM_REGISTER_MEMORY_REGION
+) -> bytes | Borrow:
+    region = REGISTERS[cmd](npages=npages, addr=addr).pack()
+    req = p.Ioctl(next(_uniques), tid, fh, cmd, 0, 0, region, False)
     out = session.receive(req)
     if isinstance(out, bytes):
         return out
@@ -103,9 +112,10 @@ def the_slot(session: CuseSession) -> Slot:
 # -- REGISTER ------------------------------------------------------------------------
 
 
-def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSession, host: Host) -> None:
+@pytest.mark.parametrize("cmd", REGISTERS, ids=abi.ioctl_name)
+def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSession, host: Host, cmd: int) -> None:
     fh = hand_out(up, A + 1)[1]
-    borrow = register(up, fh, BASE, 16)
+    borrow = register(up, fh, BASE, 16, cmd=cmd)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 16 * PAGE, MADV_MERGEABLE)]
     assert borrow.errand.returns == 0  # the 2009 result, whatever madvise says
