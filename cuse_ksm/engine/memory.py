@@ -10,13 +10,14 @@ occupy, from their sizes (``sys.getsizeof``), without walking every page:
 * ``rmap``: the :class:`~cuse_ksm.engine.trees.RmapChunk` arrays of every
   slot, and the dicts that hold them;
 * ``unstable``: the unstable tree's table, counted in full as if every page
-  of its anonymous mapping had been touched, and the slot-number list;
+  of its anonymous mapping had been touched;
 * ``stable``: the :class:`~cuse_ksm.engine.trees.KsmPage` objects and the
   stable tree's indexes, without the pages' contents;
 * ``copies``: the contents, one copy of each shared page.  They stand for
   the shared pages themselves, which the kernel's formula already nets out
   of pages_sharing, so the metadata leaves them out;
-* ``slots``: the :class:`~cuse_ksm.engine.registry.Slot` objects;
+* ``slots``: the :class:`~cuse_ksm.engine.registry.Slot` objects, and the
+  list that numbers them for the unstable tree;
 * ``buffer``: the scanner's read buffer (512 KiB) and its page views, a
   fixed cost whatever is registered.
 
@@ -108,11 +109,11 @@ def measure(scanner: Scanner) -> EngineMemory:
         kpage = next(iter(stable))
         stable_bytes += nshared * (sys.getsizeof(kpage) + sys.getsizeof(kpage.checksum) + sys.getsizeof(kpage.id))
         copies = nshared * sys.getsizeof(kpage.data)
-    unstable = scanner.unstable.nbytes() + sys.getsizeof(scanner.numbered)
+    slots += sys.getsizeof(scanner.numbered)
     c = scanner.tally.counters(nshared, scanner.max_kernel_pages)
     return EngineMemory(
         rmap=rmap,
-        unstable=unstable,
+        unstable=scanner.unstable.nbytes(),
         stable=stable_bytes,
         copies=copies,
         slots=slots,
