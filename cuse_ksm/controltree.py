@@ -369,12 +369,12 @@ class ControlTree:
         self.engine = engine
         self.host = host
         self.cross_check: bool = cross_check
-        self._process_files: tuple[str, ...] = PROCESS_FILES if host is not None else PROCESS_FILES[:3]
+        self._process_files = tuple(n for n in PROCESS_FILES if host is not None or not n.startswith("host_"))
         self._host_inodes = _HOST_INODES if host is not None else {}
         if host is not None and host.general_profit() is None:  # kernels before 6.4
             self._host_inodes = {n: i for n, i in _HOST_INODES.items() if n != "host_general_profit"}
         if host is not None and host.ksm_stat(os.getpid()) is None:  # kernels before 6.1
-            self._process_files = PROCESS_FILES[:4]
+            self._process_files = tuple(n for n in self._process_files if n != "host_ksm_stat")
 
     # the processes --------------------------------------------------------------
 
@@ -409,7 +409,7 @@ class ControlTree:
             return Node(inode, _RO_MODE)
         if inode >= _PROC_BASE:
             tgid, k = self._split_process_inode(inode)
-            if -1 <= k < len(self._process_files) and self.regions(tgid):
+            if (k == -1 or (k < len(PROCESS_FILES) and PROCESS_FILES[k] in self._process_files)) and self.regions(tgid):
                 return Node(inode, _DIR_MODE if k == -1 else _RO_MODE)
         return None
 
@@ -423,7 +423,7 @@ class ControlTree:
         node = self.node(inode)
         if node is not None and node.is_dir:
             tgid, _ = self._split_process_inode(inode)
-            return [(name, self.process_inode(tgid, k)) for k, name in enumerate(self._process_files)]
+            return [(name, self.process_inode(tgid, PROCESS_FILES.index(name))) for name in self._process_files]
         raise OSError(errno.ENOTDIR, "not a directory")
 
     def lookup(self, parent: int, name: str) -> int | None:
