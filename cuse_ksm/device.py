@@ -197,7 +197,7 @@ ADVICE_OK = "ok"
 class HostView:
     """What kernel mode reads from the host: the OS adapters (host.procfs, host.hostksm), chosen in cli.py.
 
-    The device uses the first two, the control files (controltree.py) the last three.
+    The device uses the first two, the control files (controltree.py) the others.
     """
 
     tgid: Callable[[int], int]  # the process of a thread; ProcessLookupError once it is gone
@@ -206,6 +206,10 @@ class HostView:
     # Pages of process tgid the host kernel merges now (None: gone, or not reported).
     merging_pages: Callable[[int], int | None]
     counters: Callable[[], HostCounters]  # the host kernel's own, for the whole host
+    # The host kernel's general_profit in bytes (None: before 6.4 it has none).
+    general_profit: Callable[[], int | None] = lambda: None
+    # The text of /proc/PID/ksm_stat (None: process gone, or a kernel before 6.1).
+    ksm_stat: Callable[[int], str | None] = lambda tgid: None
 
 
 Outcome = Done | HandOut | Fetch | Advise

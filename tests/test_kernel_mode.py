@@ -38,6 +38,9 @@ class Host:
         self.mergeable: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.merging = {A: 4096}
         self.asked: list[tuple[int, int, int]] = []
+        # A kernel before 6.4 (the VM's 6.1) has no general_profit; before 6.1 no ksm_stat.
+        self.general_profit: int | None = None
+        self.ksm_stat: dict[int, str] = {}
 
     def mergeable_pages(self, tgid: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         self.asked += [(tgid, addr, npages) for addr, npages in ranges]
@@ -50,6 +53,8 @@ class Host:
             merging_pages=self.merging.get,
             counters=lambda: HostCounters(pages_shared=3, pages_sharing=5000, pages_unshared=1, pages_volatile=0,
                                           full_scans=2),
+            general_profit=lambda: self.general_profit,
+            ksm_stat=self.ksm_stat.get,
         )  # fmt: skip
 
 
@@ -311,6 +316,7 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
     assert [name for name, _ in tree.entries(tree.path(f"processes/{A}") or 0)] == [
         "ksm_merging_pages",
         "regions",
+        "ksm_stat",
         "host_ksm_merging_pages",
     ]
     assert read(f"processes/{A}/host_ksm_merging_pages") == b"4096\n"
@@ -318,6 +324,28 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
         "sma addr npages merged madvise mergeable",
         f"1 {BASE:#x} 16 0 ok 16",
         f"1 {BASE + 64 * PAGE:#x} 8 0 ENOMEM 3",
+    ]
+
+
+def test_the_hosts_profit_files_appear_where_the_host_kernel_has_them(up: CuseSession, host: Host) -> None:
+    finish(up, register(up, sma(up), BASE, 16))
+    # A 6.1 kernel: no general_profit, and the test's host has no ksm_stat either.
+    tree = ControlTree(up.device.engine, up.device.host)
+    assert tree.path("host_general_profit") is None
+    assert tree.path(f"processes/{A}/host_ksm_stat") is None
+    # A 6.18 kernel: both, read from the host at every read, its text passed on as it is.
+    host.general_profit = -1048576
+    stat = "ksm_rmap_items 16\nksm_zero_pages 0\nksm_merging_pages 0\nksm_process_profit -1024\n"
+    host.ksm_stat[A] = host.ksm_stat[os.getpid()] = stat
+    tree = ControlTree(up.device.engine, up.device.host)
+    read = lambda path: tree.read(tree.path(path) or 0)  # noqa: E731
+    assert read("host_general_profit") == b"-1048576\n"
+    host.general_profit = 4096
+    assert read("host_general_profit") == b"4096\n"
+    assert read(f"processes/{A}/host_ksm_stat") == stat.encode()
+    assert [name for name, _ in tree.entries(tree.path(f"processes/{A}") or 0)][-2:] == [
+        "host_ksm_merging_pages",
+        "host_ksm_stat",
     ]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import logging
 import mmap
+import sys
 import time
 from collections import Counter
 
@@ -158,6 +159,19 @@ class Scanner:
             kpage = self.stable.by_id[chunk.word[k]]
             return RmapItem(slot, index, state, kpage.checksum, kpage)
         return RmapItem(slot, index, state, chunk.word[k], None)
+
+    def buffer_bytes(self) -> int:
+        """The read buffer and its page views: the scanner's fixed cost, whatever is registered."""
+        return len(self._buf) + sys.getsizeof(self._pages) + sum(map(sys.getsizeof, self._pages))
+
+    def rmap_items(self, slot: Slot) -> int:
+        """How many reverse-map items ``slot`` holds (its pages seen present), for per-process figures.
+
+        Counted from the state bytes at C speed, one join and one count,
+        so that the hot loop keeps no per-slot tally.
+        """
+        chunks = slot.chunks.values()
+        return CHUNK_PAGES * len(chunks) - b"".join(chunk.state for chunk in chunks).count(NO_ITEM)
 
     # -- the cursor -----------------------------------------------------------------
 

@@ -90,6 +90,8 @@ def test_the_mount_is_there():
             "pages_volatile",
             "full_scans",
             "pages_scanned",
+            "general_profit",
+            "emulator_memory",
             "processes",
         ]
     )
@@ -122,6 +124,19 @@ def test_pages_sharing_reaches_n_minus_one_for_identical_pages(merger):
     lines = (procdir / "regions").read_text().splitlines()
     assert lines[0] == "sma addr npages merged"
     assert lines[1].split()[1:] == [f"{addr:#x}", str(NPAGES), str(NPAGES)]
+    # Today's profit figures: every page seen (64 rmap items), all merged into one.
+    assert (procdir / "ksm_stat").read_text() == (
+        f"ksm_rmap_items {NPAGES}\n"
+        "ksm_zero_pages 0\n"
+        f"ksm_merging_pages {NPAGES}\n"
+        f"ksm_process_profit {NPAGES * 4096 - NPAGES * 64}\n"
+        "ksm_merge_any: no\n"
+        "ksm_mergeable: yes\n"
+    )
+    assert (STATS / "general_profit").read_text() == f"{(NPAGES - 1) * 4096 - NPAGES * 64}\n"
+    memory = dict(line.split() for line in (STATS / "emulator_memory").read_text().splitlines())
+    assert (memory["registered_pages"], memory["rmap_items"]) == (str(NPAGES), str(NPAGES))
+    assert int(memory["emulator_profit"]) == (NPAGES - 1) * 4096 - int(memory["metadata"])
 
     # cuse-ksm status reads the same.
     status = subprocess.run(
@@ -132,6 +147,11 @@ def test_pages_sharing_reaches_n_minus_one_for_identical_pages(merger):
     out = status.stdout.splitlines()
     assert "scanner: running (256 pages every 20000 us), max_kernel_pages unlimited" in out
     assert f"would save: 0.25 MiB ({NPAGES - 1} pages: pages_sharing)" in out
+    assert (
+        "profit, today's kernel's formula: would be 0.24 MiB "
+        f"(general_profit: {NPAGES - 1} pages saved less 64 B for each of {NPAGES} rmap items)"
+    ) in out
+    assert any(line.startswith("profit, the emulator's real cost: would be ") for line in out)
     assert out[-1].split() == [str(pid), "1", str(NPAGES), str(NPAGES), "0.25"]
 
     # The process exits: its SMA's release drops the region, and the figures follow.

@@ -241,6 +241,13 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
         # The control files tell the kernel's figures as the kernel does.
         assert int((kd.stats / "processes" / str(m.pid) / "host_ksm_merging_pages").read_text()) == merging(m.pid)
         assert int((kd.stats / "host_pages_sharing").read_text()) == sys_int("pages_sharing")
+        # The host's profit files exist where the VM's kernel has them (6.1: ksm_stat, no general_profit).
+        assert (kd.stats / "host_general_profit").exists() == os.path.exists("/sys/kernel/mm/ksm/general_profit")
+        host_stat = kd.stats / "processes" / str(m.pid) / "host_ksm_stat"
+        assert host_stat.exists() == os.path.exists(f"/proc/{m.pid}/ksm_stat")
+        if host_stat.exists():
+            names = lambda text: [line.split()[0] for line in text.splitlines()]  # noqa: E731
+            assert names(host_stat.read_text()) == names(Path(f"/proc/{m.pid}/ksm_stat").read_text())
         # Without --cross-check the emulated scanner stands still while ksmd merges.
         assert [(kd.stats / f).read_text() for f in ("cross_check", "pages_scanned", "pages_sharing")] == ["0\n"] * 3
         figures = (
