@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import os
 from collections.abc import Sequence
 
 import pytest
@@ -328,7 +329,7 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
 
 
 def test_the_hosts_profit_files_appear_where_the_host_kernel_has_them(up: CuseSession, host: Host) -> None:
-    finish(up, register(up, sma(up), BASE, 16))
+    finish(up, register(up, hand_out(up, A + 1)[1], BASE, 16))
     # A 6.1 kernel: no general_profit, and the test's host has no ksm_stat either.
     tree = ControlTree(up.device.engine, up.device.host)
     assert tree.path("host_general_profit") is None
