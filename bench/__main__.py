@@ -36,10 +36,11 @@ from typing import Any
 
 from bench import emulator, kernel, workload
 from cuse_ksm import abi
+from cuse_ksm.engine.counters import RMAP_ITEM_BYTES
 
 PAGES_TO_SCAN = 100_000
 # sizeof(struct ksm_rmap_item) on x86_64: what the kernel spends per scanned page.
-KERNEL_BYTES_PER_PAGE = 64
+KERNEL_BYTES_PER_PAGE = RMAP_ITEM_BYTES  # sizeof(struct ksm_rmap_item), charged by the kernel's profit formulas
 
 
 def _sigterm(signum: int, frame: Any) -> None:
@@ -207,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
             peaks.append(m.peak_per_page)
             print(
                 f"  {layout:<6} {m.per_page:6.1f} B/page at the end, {m.peak_per_page:6.1f} B/page at the peak; "
-                f"shared page copies apart: {m.pages_shared} x 4 KiB = {m.copies_bytes / 2**20:.1f} MiB"
+                f"shared page copies apart: {m.pages_shared} x 4 KiB = {m.copies_bytes / 2**20:.1f} MiB; "
+                f"the engine's own count (emulator_memory) {m.counted_per_page:.1f} B/page"
+            )
+            print(
+                f"  {'':<6} profit: general_profit {m.general_profit / 2**20:.1f} MiB (64 B per rmap item), "
+                f"emulator_profit {m.emulator_profit / 2**20:.1f} MiB (the engine's metadata)"
             )
         print(_ratio("memory", "emulator/kernel", max(peaks), KERNEL_BYTES_PER_PAGE, "bytes per page, worst peak"))
 

@@ -123,6 +123,11 @@ class MemoryRun:
     peak_bytes: int  # peak traced memory during the scans, shared page copies excluded
     copies_bytes: int  # the shared page copies (KsmPage.data) at the end
     pages_shared: int
+    # The engine's own count (Engine.memory(), what emulator_memory shows), per
+    # registered page, read buffer apart: it should agree with engine_bytes.
+    counted_per_page: float
+    general_profit: int  # today's kernel's formula, bytes (64 B per rmap item)
+    emulator_profit: int  # the same saving less the engine's metadata, bytes (emulator_memory)
 
     @property
     def per_page(self) -> float:
@@ -139,7 +144,9 @@ def measure_memory(workload: Workload, passes: int = 3) -> MemoryRun:
     Everything the engine allocates through Python's allocators is traced
     by tracemalloc (its arrays included); the unstable tree's table is an
     anonymous mapping, added in full; the 512 KiB read buffer (a fixed mmap)
-    is left out, as is anything in the scanned process.  The peak is
+    is left out, as is anything in the scanned process.  Beside it, the
+    engine's own count of the same (:meth:`Engine.memory`, which the control
+    file emulator_memory shows), so that a drift between the two shows.  The peak is
     tracemalloc's over the whole run, minus the copies held at the end, plus
     the final table (so it overstates, if anything).
     """
@@ -154,13 +161,17 @@ def measure_memory(workload: Workload, passes: int = 3) -> MemoryRun:
     gc.collect()
     current, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    copies = sum(sys.getsizeof(k.data) for k in engine.stable)
+    # The copies and the table as the engine counts them (engine/memory.py).
     # The unstable tree's table lives in an anonymous mapping, which
     # tracemalloc does not see: add it, in full, as if all of it were touched.
-    table = engine.unstable.nbytes()
+    # The read buffer, an mmap, is left out; its page views are traced.
+    m = engine.memory()
+    copies, table = m.copies, m.unstable
     c = engine.counters()
     own, own_peak = current - base - copies + table, peak - base - copies + table
-    run = MemoryRun(workload.npages, own, own_peak, copies, c.pages_shared)
+    run = MemoryRun(
+        workload.npages, own, own_peak, copies, c.pages_shared, m.per_registered_page, c.general_profit, m.profit
+    )
     for sma in list(engine.smas.values()):
         engine.release_sma(sma)
     return run

@@ -184,7 +184,14 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
         engine = Engine()
         host = None
         if host_ksm is not None:
-            host = HostView(procfs.tgid, hostksm.mergeable_pages, hostksm.merging_pages, host_ksm.counters)
+            host = HostView(
+                procfs.tgid,
+                hostksm.mergeable_pages,
+                hostksm.merging_pages,
+                host_ksm.counters,
+                host_ksm.general_profit,
+                hostksm.ksm_stat,
+            )
             found = " ".join(f"{k}={v}" for k, v in host_ksm.save().items())
             follow_on_host(engine, host_ksm)
             # Logged so that an administrator can put them back after a kill -9.

@@ -21,9 +21,13 @@ Two layers, each usable without the next:
   with a directory per registered process) as inode numbers, names, modes and
   contents, computed from the engine on every call.
 
+Beside the counters, the profit figures of today's kernel for the emulated
+scanner (``general_profit``, ``processes/PID/ksm_stat``) and what the
+emulator itself spends (``emulator_memory``, :data:`TEXT_FILES`).
+
 With ``--merge kernel`` the tree also shows the host kernel's own figures
 beside the emulated ones (:data:`HOST_VALUES`, ``processes/PID/
-host_ksm_merging_pages``, two more columns in ``regions``), read through a
+host_ksm_merging_pages`` and ``host_ksm_stat``, two more columns in ``regions``), read through a
 :class:`~cuse_ksm.device.HostView` at every read: the emulated counters stay
 the 2009 driver's, the ``host_`` ones say what is really shared.
 
@@ -169,6 +173,12 @@ VALUES: tuple[Value, ...] = (
     Value("pages_volatile", lambda e: e.counters().pages_volatile, None, "pages changing too fast to merge"),
     Value("full_scans", lambda e: e.counters().full_scans, None, "completed passes over all registered memory"),
     Value("pages_scanned", lambda e: e.counters().pages_scanned, None, "pages looked at since start"),
+    Value(
+        "general_profit",
+        lambda e: e.counters().general_profit,
+        None,
+        "today's kernel's formula, in bytes: pages_sharing pages less 64 per rmap item (may be negative)",
+    ),
 )
 BY_NAME: dict[str, Value] = {v.name: v for v in VALUES}
 
@@ -223,6 +233,68 @@ def regions_text(slots: list[Slot], host: HostView | None = None) -> bytes:
     for s, (_, mergeable) in zip(slots, seen, strict=True):
         lines.append(f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged} {s.host_advice or '-'} {mergeable}\n")
     return "".join(lines).encode()
+
+
+def ksm_stat_text(engine: Engine, tgid: int) -> bytes:
+    """``processes/<pid>/ksm_stat``: the lines of today's /proc/PID/ksm_stat, for the emulated scanner.
+
+    Same names, order and format as the kernel's (6.18).  ``ksm_zero_pages``
+    is always 0: the 2009 driver never merged into the zero page (no
+    use_zero_pages).  ``ksm_merge_any: no``: the 2009 ABI registers regions,
+    never a whole process (prctl PR_SET_MEMORY_MERGE).  ``ksm_mergeable:
+    yes``: the directory exists only while the process registers a region.
+    """
+    st = engine.process_stat(tgid)
+    return (
+        f"ksm_rmap_items {st.rmap_items}\n"
+        f"ksm_zero_pages {st.zero_pages}\n"
+        f"ksm_merging_pages {st.merging_pages}\n"
+        f"ksm_process_profit {st.profit}\n"
+        "ksm_merge_any: no\n"
+        "ksm_mergeable: yes\n"
+    ).encode()
+
+
+def emulator_memory_text(engine: Engine) -> bytes:
+    """``emulator_memory``: what the engine spends, in bytes per part, and the profit net of it.
+
+    One ``name value`` line each (see :class:`~cuse_ksm.engine.EngineMemory`):
+    the parts, ``metadata`` (their sum), ``shared_copies`` (apart: they
+    stand for the shared pages), the pages they serve, bytes per registered
+    page and per rmap item (the read buffer apart, as ``make bench`` counts),
+    and ``emulator_profit``: pages_sharing pages less ``metadata``, the
+    counterpart of general_profit with the engine's real cost in place of
+    64 bytes per rmap item.
+    """
+    m = engine.memory()
+    return (
+        f"rmap_chunks {m.rmap}\n"
+        f"unstable_table {m.unstable}\n"
+        f"stable_pages {m.stable}\n"
+        f"slots {m.slots}\n"
+        f"read_buffer {m.buffer}\n"
+        f"metadata {m.metadata}\n"
+        f"shared_copies {m.copies}\n"
+        f"registered_pages {m.registered_pages}\n"
+        f"rmap_items {m.rmap_items}\n"
+        f"metadata_per_page {m.per_registered_page:.1f}\n"
+        f"metadata_per_rmap_item {m.per_rmap_item:.1f}\n"
+        f"emulator_profit {m.profit}\n"
+    ).encode()
+
+
+def parse_stat(text: str) -> dict[str, str]:
+    """``name value`` or ``name: value`` lines (ksm_stat, emulator_memory) as a dict of strings."""
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if value:
+            out[name.rstrip(":")] = value.strip()
+    return out
+
+
+# Top-level files that are not one number.
+TEXT_FILES: dict[str, Callable[[Engine], bytes]] = {"emulator_memory": emulator_memory_text}
 
 
 # ``processes/<pid>/pages`` and ``page_runs``: each page's state (engine/pages.py).
@@ -296,6 +368,9 @@ HOST_VALUES: dict[str, HostValue] = {
     "host_ksm_merging_pages": lambda tree, host: sum(host.merging_pages(t) or 0 for t in tree.tgids()),
     # 1 when the emulated scanner runs beside ksmd (--cross-check); 0: the emulated counters stand still.
     "cross_check": lambda tree, host: int(tree.cross_check),
+    # The host kernel's general_profit (6.4+), only where it has one: the
+    # tree leaves the file out when host.general_profit() is None.
+    "host_general_profit": lambda tree, host: host.general_profit() or 0,
 }
 
 
@@ -309,12 +384,22 @@ _VALUE_INODES = {v.name: 16 + i for i, v in enumerate(VALUES)}
 _INODE_VALUES = {ino: BY_NAME[name] for name, ino in _VALUE_INODES.items()}
 _HOST_INODES = {name: 64 + i for i, name in enumerate(HOST_VALUES)}
 _INODE_HOST = {ino: name for name, ino in _HOST_INODES.items()}
+_TEXT_INODES = {name: 96 + i for i, name in enumerate(TEXT_FILES)}
+_INODE_TEXT = {ino: name for name, ino in _TEXT_INODES.items()}
 # Per-process inodes are computed from the tgid, so they need no table and
 # stay valid for as long as the process is registered.
 _PROC_BASE = 1 << 32
 _PROC_STRIDE = 8
-# The host_ ones in kernel mode only.
-PROCESS_FILES = ("ksm_merging_pages", "regions", "host_ksm_merging_pages", "pages", "page_runs")
+# The host_ ones in kernel mode only (host_ksm_stat where the host kernel has /proc/PID/ksm_stat).
+PROCESS_FILES = (
+    "ksm_merging_pages",
+    "regions",
+    "ksm_stat",
+    "pages",
+    "page_runs",
+    "host_ksm_merging_pages",
+    "host_ksm_stat",
+)
 
 
 @dataclass(frozen=True)
@@ -354,6 +439,10 @@ class ControlTree:
         self.cross_check: bool = cross_check
         self._process_files = tuple(n for n in PROCESS_FILES if host is not None or not n.startswith("host_"))
         self._host_inodes = _HOST_INODES if host is not None else {}
+        if host is not None and host.general_profit() is None:  # kernels before 6.4
+            self._host_inodes = {n: i for n, i in _HOST_INODES.items() if n != "host_general_profit"}
+        if host is not None and host.ksm_stat(os.getpid()) is None:  # kernels before 6.1
+            self._process_files = tuple(n for n in self._process_files if n != "host_ksm_stat")
 
     # the processes --------------------------------------------------------------
 
@@ -384,7 +473,7 @@ class ControlTree:
         value = _INODE_VALUES.get(inode)
         if value is not None:
             return Node(inode, _RW_MODE if value.writable else _RO_MODE)
-        if inode in _INODE_HOST and self.host is not None:
+        if _INODE_HOST.get(inode) in self._host_inodes or inode in _INODE_TEXT:
             return Node(inode, _RO_MODE)
         if inode >= _PROC_BASE:
             tgid, k = self._split_process_inode(inode)
@@ -396,7 +485,7 @@ class ControlTree:
         """(name, inode) of the children of directory ``inode``, in a stable order."""
         if inode == ROOT_INODE:
             values = [(v.name, _VALUE_INODES[v.name]) for v in VALUES]
-            return [*values, *self._host_inodes.items(), ("processes", PROCESSES_INODE)]
+            return [*values, *_TEXT_INODES.items(), *self._host_inodes.items(), ("processes", PROCESSES_INODE)]
         if inode == PROCESSES_INODE:
             return [(str(tgid), self.process_inode(tgid)) for tgid in self.tgids()]
         node = self.node(inode)
@@ -447,6 +536,9 @@ class ControlTree:
         if inode in _INODE_HOST and host is not None:
             yield b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
             return
+        if inode in _INODE_TEXT:
+            yield TEXT_FILES[_INODE_TEXT[inode]](self.engine)
+            return
         tgid, k = self._split_process_inode(inode)
         name = PROCESS_FILES[k]
         if name in ("pages", "page_runs"):
@@ -460,8 +552,12 @@ class ControlTree:
             return
         if name == "ksm_merging_pages":
             yield b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
+        elif name == "ksm_stat":
+            yield ksm_stat_text(self.engine, tgid)
         elif name == "host_ksm_merging_pages" and host is not None:
             yield b"%d\n" % (host.merging_pages(tgid) or 0)
+        elif name == "host_ksm_stat" and host is not None:
+            yield (host.ksm_stat(tgid) or "").encode()
         else:
             yield regions_text(self.regions(tgid), host)
 

@@ -2,17 +2,24 @@
 
 Every open of the device node is a :class:`DeviceFile` unless it is the open
 that the fd hand-out injected into a CREATE_SHARED_MEMORY_AREA caller, which
-becomes that SMA's :class:`SmaFile` (the session, which borrowed that caller,
-says which open that is).  Both live behind the FUSE file handle the kernel
-gives back with every request.
+becomes that SMA's :class:`SmaFile`, or into a KSM_CREATE_SCAN caller, which
+becomes a :class:`ScanFile` (the session, which borrowed that caller, says
+which open that is).  They live behind the FUSE file handle the kernel gives
+back with every request.
+
+Both 2009 ABIs are answered (abi.py): the March patch's and the January kvm
+tree's, whose numbers never collide.  Their drivers behaved alike where they
+share a call; what only January had: 12- and 16-byte structs, and scan fds,
+on which every ioctl returns positive 22 (that driver's KSM_SCAN was
+commented out, leaving only its default ``r = EINVAL``).
 
 This layer decides *what* each call does and returns; it performs no I/O of
 its own.  What it needs from the outside is injected: the engine (the
 state the calls change), ``open_space``, which pins a caller's memory, and
 in kernel mode a :class:`HostView`, which tells a thread's process and
-what the host kernel made of a range.  CREATE_SHARED_MEMORY_AREA cannot finish here - only the caller can
-open an fd in its own process - so it yields a :class:`HandOut` for the
-session (:mod:`cuse_ksm.session`) to carry out.
+what the host kernel made of a range.  CREATE_SHARED_MEMORY_AREA and KSM_CREATE_SCAN cannot finish here - only
+the caller can open an fd in its own process - so they yield a
+:class:`HandOut` for the session (:mod:`cuse_ksm.session`) to carry out.
 
 With ``merge_kernel`` (``--merge kernel``), REGISTER and REMOVE also yield
 an :class:`Advise`: the caller must madvise() its own memory so that the
@@ -28,11 +35,14 @@ Quirks of the 2009 driver reproduced on purpose (see README, "Quirks"):
   positive 1 (``EPERM`` without its minus): the caller sees success, and
   nothing changes.
 * An unknown command on an SMA fd returns positive 22 (``EINVAL`` without its
-  minus); on the device fd it is a proper -EINVAL.
+  minus); on the device fd it is a proper -EINVAL.  On a January scan fd,
+  every command, KSM_SCAN included, returns positive 22 and reads nothing.
 * REGISTER validates nothing: npages 0, unaligned or unmapped addresses,
   garbage in ``pad`` and ``reserved_bits`` are all accepted.
 * REMOVE drops every region of the SMA, not one.
-* The driver had no ``compat_ioctl``: 32-bit callers get -ENOTTY.
+* The March driver had no ``compat_ioctl``: 32-bit callers get -ENOTTY.
+  (The January driver had one; it is not served, README "The January 2009
+  ABI" says why.)
 """
 
 from __future__ import annotations
@@ -68,9 +78,21 @@ class Fetch:
 _DEVICE_MEMORY = {
     abi.KSM_START_STOP_KTHREAD: Fetch(copy_in=abi.STRUCT_SIZE),
     abi.KSM_GET_INFO_KTHREAD: Fetch(copy_out=abi.STRUCT_SIZE),
+    abi.KSM_START_STOP_KTHREAD_2009_01: Fetch(copy_in=abi.KthreadInfo2009Jan.FORMAT.size),
+    abi.KSM_GET_INFO_KTHREAD_2009_01: Fetch(copy_out=abi.KthreadInfo2009Jan.FORMAT.size),
 }
 _SMA_MEMORY = {
     abi.KSM_REGISTER_MEMORY_REGION: Fetch(copy_in=abi.STRUCT_SIZE),
+    abi.KSM_REGISTER_MEMORY_REGION_2009_01: Fetch(copy_in=abi.MemoryRegion2009Jan.FORMAT.size),
+}
+# The structs START_STOP_KTHREAD and REGISTER_MEMORY_REGION read, by ABI.
+_KTHREAD_IN: dict[int, type[abi.KthreadInfo] | type[abi.KthreadInfo2009Jan]] = {
+    abi.KSM_START_STOP_KTHREAD: abi.KthreadInfo,
+    abi.KSM_START_STOP_KTHREAD_2009_01: abi.KthreadInfo2009Jan,
+}
+_REGION_IN: dict[int, type[abi.MemoryRegion] | type[abi.MemoryRegion2009Jan]] = {
+    abi.KSM_REGISTER_MEMORY_REGION: abi.MemoryRegion,
+    abi.KSM_REGISTER_MEMORY_REGION_2009_01: abi.MemoryRegion2009Jan,
 }
 
 
@@ -91,7 +113,28 @@ class SmaFile:
     memory: ClassVar[dict[int, Fetch]] = _SMA_MEMORY
 
 
-OpenFile = DeviceFile | SmaFile
+@dataclass(frozen=True)
+class Scan:
+    """A January 2009 scanner handle (KSM_CREATE_SCAN).
+
+    That driver gave each scan fd its own cursor for a user-space scanner
+    driven by KSM_SCAN, then commented KSM_SCAN out: a scan fd does
+    nothing, so it holds nothing but its number.
+    """
+
+    id: int
+
+
+@dataclass(frozen=True)
+class ScanFile:
+    """The open file behind a January scan fd: every ioctl on it returns positive 22, copying nothing."""
+
+    fh: int
+    scan: Scan
+    memory: ClassVar[dict[int, Fetch]] = {}
+
+
+OpenFile = DeviceFile | SmaFile | ScanFile
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +152,22 @@ _SUCCESS = Done(0)
 
 @dataclass(frozen=True)
 class HandOut:
-    """The daemon must give the caller a new fd bound to ``sma`` (CREATE_SHARED_MEMORY_AREA)."""
+    """The daemon must give the caller a new fd bound to ``target``.
 
-    sma: Sma
+    An :class:`Sma` (CREATE_SHARED_MEMORY_AREA) or a :class:`Scan` (KSM_CREATE_SCAN).
+    """
+
+    target: Sma | Scan
+
+    @property
+    def label(self) -> str:
+        """How logs and ``--trace`` name the file: ``sma#N`` or ``scan#N``."""
+        return file_label(self.target)
+
+
+def file_label(target: Sma | Scan) -> str:
+    """``sma#N`` or ``scan#N``: a handed-out file as the daemon knows it (the caller's fd number is not known)."""
+    return f"sma#{target.id}" if isinstance(target, Sma) else f"scan#{target.id}"
 
 
 @dataclass(frozen=True)
@@ -141,7 +197,7 @@ ADVICE_OK = "ok"
 class HostView:
     """What kernel mode reads from the host: the OS adapters (host.procfs, host.hostksm), chosen in cli.py.
 
-    The device uses the first two, the control files (controltree.py) the last three.
+    The device uses the first two, the control files (controltree.py) the others.
     """
 
     tgid: Callable[[int], int]  # the process of a thread; ProcessLookupError once it is gone
@@ -150,6 +206,10 @@ class HostView:
     # Pages of process tgid the host kernel merges now (None: gone, or not reported).
     merging_pages: Callable[[int], int | None]
     counters: Callable[[], HostCounters]  # the host kernel's own, for the whole host
+    # The host kernel's general_profit in bytes (None: before 6.4 it has none).
+    general_profit: Callable[[], int | None] = lambda: None
+    # The text of /proc/PID/ksm_stat (None: process gone, or a kernel before 6.1).
+    ksm_stat: Callable[[int], str | None] = lambda tgid: None
 
 
 Outcome = Done | HandOut | Fetch | Advise
@@ -157,6 +217,7 @@ Outcome = Done | HandOut | Fetch | Advise
 # Positive results returned by the 2009 driver's code where a negative errno was meant.
 QUIRK_START_RUN_WITHOUT_PAGES = errno.EPERM  # +1
 QUIRK_SMA_UNKNOWN_COMMAND = errno.EINVAL  # +22
+QUIRK_SCAN_COMMAND = errno.EINVAL  # +22, for every command on a January scan fd
 
 
 class KsmDevice:
@@ -175,16 +236,23 @@ class KsmDevice:
         self.host = host
         self.files: dict[int, OpenFile] = {}
         self._fhs = itertools.count(1)
-        # GET_INFO_KTHREAD's answer, and the engine's struct it was built from.
+        self._scan_ids = itertools.count(1)
+        # GET_INFO_KTHREAD's answers by ABI, and the engine's struct they were built from.
         self._info_of: abi.KthreadInfo | None = None
-        self._info = _SUCCESS
+        self._infos: dict[int, Done] = {}
 
     # -- opens and releases ---------------------------------------------------
 
-    def open(self, *, sma: Sma | None = None) -> OpenFile:
-        """A FUSE_OPEN: a plain device open, or with ``sma`` the open that hands out that SMA's fd."""
+    def open(self, *, handed: Sma | Scan | None = None) -> OpenFile:
+        """A FUSE_OPEN: a plain device open, or the open that hands out ``handed``'s fd."""
         fh = next(self._fhs)
-        file: OpenFile = SmaFile(fh, sma) if sma is not None else DeviceFile(fh)
+        file: OpenFile
+        if handed is None:
+            file = DeviceFile(fh)
+        elif isinstance(handed, Sma):
+            file = SmaFile(fh, handed)
+        else:
+            file = ScanFile(fh, handed)
         self.files[fh] = file
         return file
 
@@ -195,13 +263,14 @@ class KsmDevice:
             self.engine.release_sma(file.sma)
         return file
 
-    def hand_out_failed(self, sma: Sma) -> None:
-        """The fd of ``sma`` never reached its caller: the SMA ends now.
+    def hand_out_failed(self, target: Sma | Scan) -> None:
+        """The fd of ``target`` never reached its caller: an SMA ends now (a scan holds nothing).
 
         If the injected open did arrive, its file stays until the kernel
         releases it, but its ioctls fail with EBADF (see :meth:`_sma_ioctl`).
         """
-        self.engine.release_sma(sma)
+        if isinstance(target, Sma):
+            self.engine.release_sma(target)
 
     # -- ioctls -----------------------------------------------------------------
 
@@ -224,37 +293,54 @@ class KsmDevice:
             return memory
         if isinstance(file, SmaFile):
             return self._sma_ioctl(file.sma, cmd, tid, data)
+        if isinstance(file, ScanFile):
+            # January's ksm_scan_ioctl: KSM_SCAN's case is commented out, so
+            # every command falls to its default, r = EINVAL without the
+            # minus, before touching the caller's pointer.
+            return Done(QUIRK_SCAN_COMMAND)
         return self._device_ioctl(cmd, data)
 
     def _device_ioctl(self, cmd: int, data: bytes) -> Outcome:
         if cmd == abi.KSM_GET_API_VERSION:
-            return _API_VERSION
+            return _API_VERSION  # 1 in both ABIs
         if cmd == abi.KSM_CREATE_SHARED_MEMORY_AREA:
             return HandOut(self.engine.new_sma())
-        if cmd == abi.KSM_START_STOP_KTHREAD:
-            info = abi.KthreadInfo.unpack(data[: abi.STRUCT_SIZE])
+        if cmd in _KTHREAD_IN:
+            cls = _KTHREAD_IN[cmd]
+            info = cls.unpack(data[: cls.FORMAT.size])
             if info.running and info.pages_to_scan == 0:
-                # The 2009 driver sets r = EPERM without the minus and changes nothing.
+                # Both drivers set r = EPERM without the minus and change nothing.
                 return Done(QUIRK_START_RUN_WITHOUT_PAGES)
             self.engine.set_kthread(info.sleep, info.pages_to_scan, info.flags)
             return _SUCCESS
-        if cmd == abi.KSM_GET_INFO_KTHREAD:
-            # The engine stores exactly the three fields the driver copies out
-            # (pad and reserved_bits 0), so its struct is the reply as it
-            # stands.  The struct is frozen: the answer built from one stays
-            # right while the engine holds that object (8 % of a
-            # GET_INFO_KTHREAD's instructions, bench/instructions.sh).
+        if cmd == abi.KSM_GET_INFO_KTHREAD or cmd == abi.KSM_GET_INFO_KTHREAD_2009_01:
+            # One scanner, whichever ABI set it: the answer is the engine's
+            # three fields in the caller's ABI's struct (12 bytes in January,
+            # 24 with pad and reserved_bits 0 in March).  The engine's struct
+            # is frozen: an answer built from one stays right while the
+            # engine holds that object (8 % of a GET_INFO_KTHREAD's
+            # instructions, bench/instructions.sh).
             kthread = self.engine.kthread
             if kthread is not self._info_of:
-                self._info_of, self._info = kthread, Done(0, kthread.pack())
-            return self._info
+                self._info_of, self._infos = kthread, {}
+            answer = self._infos.get(cmd)
+            if answer is None:
+                if cmd == abi.KSM_GET_INFO_KTHREAD:
+                    out = kthread.pack()
+                else:
+                    out = abi.KthreadInfo2009Jan(kthread.sleep, kthread.pages_to_scan, kthread.flags).pack()
+                answer = self._infos[cmd] = Done(0, out)
+            return answer
+        if cmd == abi.KSM_CREATE_SCAN:
+            return HandOut(Scan(next(self._scan_ids)))
         return Done(-errno.EINVAL)
 
     def _sma_ioctl(self, sma: Sma, cmd: int, tid: int, data: bytes) -> Outcome:
         if sma.id not in self.engine.smas:
             return Done(-errno.EBADF)  # an SMA whose hand-out failed
-        if cmd == abi.KSM_REGISTER_MEMORY_REGION:
-            region = abi.MemoryRegion.unpack(data[: abi.STRUCT_SIZE])
+        if cmd in _REGION_IN:
+            cls = _REGION_IN[cmd]
+            region = cls.unpack(data[: cls.FORMAT.size])
             try:
                 space = self._open_space(tid)
             except ProcessLookupError:

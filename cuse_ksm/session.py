@@ -11,7 +11,7 @@ quick ioctl among them), or a tuple of outputs to carry out in order: replies
 (``bytes``) and actions, which need the world outside the session:
 
 * :class:`Borrow`: borrow the calling thread for system calls of its own
-  (the SMA fd hand-out: the caller opens the device itself; in kernel mode,
+  (the SMA or scan fd hand-out: the caller opens the device itself; in kernel mode,
   REGISTER and REMOVE: the caller madvises its own memory).  The owner runs
   it with a :data:`~cuse_ksm.host.syscall.Borrower` and reports back how it
   went (:meth:`CuseSession.complete_ioctl`, :meth:`~CuseSession.borrowed`,
@@ -41,13 +41,15 @@ import time
 from dataclasses import dataclass
 
 from cuse_ksm import abi, protocol, trace
-from cuse_ksm.device import Advise, Done, Fetch, HandOut, KsmDevice, OpenFile
+from cuse_ksm.device import Advise, Done, Fetch, HandOut, KsmDevice, OpenFile, Scan
+from cuse_ksm.engine import Sma
 from cuse_ksm.host.syscall import MADV_MERGEABLE, Errand, madvise, openat
 
 log = logging.getLogger(__name__)
 
 # What each borrow is for, as error messages say it ("...; cannot <purpose>").
 HAND_OUT = "hand out the SMA fd"
+HAND_OUT_SCAN = "hand out the scan fd"
 MERGE = "have the host kernel merge the registered region"
 UNMERGE = "stop the host kernel merging the removed regions"
 
@@ -73,8 +75,8 @@ class Borrow:
     """Action: borrow the thread blocked in ``request`` for ``errand``; and the life of that borrow.
 
     ``outcome`` is what the device asked for: a :class:`HandOut` (the
-    caller of CREATE_SHARED_MEMORY_AREA opens the device itself, and the
-    session binds that open to the new SMA) or, in kernel mode, an
+    caller of CREATE_SHARED_MEMORY_AREA or KSM_CREATE_SCAN opens the device
+    itself, and the session binds that open to the new SMA or scan) or, in kernel mode, an
     :class:`Advise` (the caller of REGISTER or REMOVE madvises its own
     memory; its ioctl returns the 2009 result whatever happens).  Running
     it, the owner calls :meth:`CuseSession.complete_ioctl` when the borrower
@@ -121,7 +123,11 @@ class CuseSession:
         # The borrows in flight, by the thread borrowed.  A thread is held in
         # its ioctl until its borrow ends, so it has at most one.
         self.borrows: dict[int, Borrow] = {}
-        self._hand_out_errand = Errand((openat(os.fsencode(self.devpath), os.O_RDWR, purpose=HAND_OUT),))
+        path = os.fsencode(self.devpath)
+        self._hand_out_errands = {
+            kind: Errand((openat(path, os.O_RDWR, purpose=purpose),))
+            for kind, purpose in ((Sma, HAND_OUT), (Scan, HAND_OUT_SCAN))
+        }
 
     def receive(self, req: protocol.Request) -> Output:
         """What to do about ``req``: the reply to write, or replies and actions in order (module docstring)."""
@@ -180,21 +186,21 @@ class CuseSession:
         if borrow is None or borrow.opened is not None or not isinstance(borrow.outcome, HandOut):
             return self.device.open()
         # The thread is held by its hand-out, so this is the open we made it do.
-        sma = borrow.outcome.sma
-        borrow.opened = file = self.device.open(sma=sma)
-        log.debug("tid %d opened SMA %d as fh %d", tid, sma.id, file.fh)
+        hand_out = borrow.outcome
+        borrow.opened = file = self.device.open(handed=hand_out.target)
+        log.debug("tid %d opened %s as fh %d", tid, hand_out.label, file.fh)
         return file
 
-    def _trace(self, req: protocol.Ioctl, result: int, out: bytes, started: float, *, sma_id: int = 0) -> None:
+    def _trace(self, req: protocol.Ioctl, result: int, out: bytes, started: float, *, handed: str = "") -> None:
         """The --trace line of a completed ioctl, naming its file as the daemon knows it."""
-        trace.ioctl(req, self.device.files.get(req.fh), self.devpath, result, out, started, sma_id=sma_id)
+        trace.ioctl(req, self.device.files.get(req.fh), self.devpath, result, out, started, handed=handed)
 
     # -- borrows: the hand-out, and kernel mode's madvise ----------------------------
 
     def _borrow(self, req: protocol.Ioctl, outcome: HandOut | Advise) -> Borrow:
-        """Borrow the caller for what the device asked: open the device (an open bound to the new SMA), or madvise."""
+        """Borrow the caller for what the device asked: open the device (bound to the new SMA or scan), or madvise."""
         if isinstance(outcome, HandOut):
-            errand = self._hand_out_errand
+            errand = self._hand_out_errands[type(outcome.target)]
         else:
             purpose = MERGE if outcome.advice == MADV_MERGEABLE else UNMERGE
             calls = tuple(madvise(addr, length, outcome.advice, purpose=purpose) for addr, length in outcome.ranges)
@@ -225,9 +231,9 @@ class CuseSession:
             return
         (fd,) = results
         ms = (time.perf_counter() - borrow.started) * 1e3
-        log.debug("SMA %d handed to tid %d as fd %d in %.1f ms", outcome.sma.id, req.pid, fd, ms)
+        log.debug("%s handed to tid %d as fd %d in %.1f ms", outcome.label, req.pid, fd, ms)
         if self.tracing:
-            self._trace(req, fd, b"", borrow.started, sma_id=outcome.sma.id)
+            self._trace(req, fd, b"", borrow.started, handed=outcome.label)
 
     def _advised(
         self, borrow: Borrow, advise: Advise, results: tuple[int, ...], why: str = "", level: int = logging.WARNING
@@ -273,7 +279,7 @@ class CuseSession:
             # A caller killed mid-call is its own business; anything else is ours to explain.
             level = logging.INFO if err == errno.ESRCH else logging.WARNING
             log.log(level, "%s from tid %d failed (%s): %s", abi.ioctl_name(req.cmd), req.pid, name, why)
-        self.device.hand_out_failed(outcome.sma)
+        self.device.hand_out_failed(outcome.target)
         return None if borrow.replied else protocol.reply_ioctl(req.unique, -err)
 
     def _end(self, borrow: Borrow) -> None:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cuse_ksm import abi
-from cuse_ksm.controltree import HOST_VALUES, VALUES, default_dir, parse_number
+from cuse_ksm.controltree import HOST_VALUES, VALUES, default_dir, parse_number, parse_stat
+from cuse_ksm.engine.counters import RMAP_ITEM_BYTES
 
 DEFAULT_DIR = default_dir("ksm")
 
@@ -69,12 +70,16 @@ class Snapshot:
     # A cuse-ksm directory (it has processes/): its counters are emulated.
     # A kernel's /sys/kernel/mm/ksm has none, and its counters are real.
     emulated: bool = True
+    # The lines of emulator_memory (what the emulator itself spends); empty without that file.
+    emulator: dict[str, str] = field(default_factory=dict)
 
 
 def _read_number(path: str) -> int | None:
+    """The number in a file; signed, as general_profit may be negative."""
     try:
         with open(path, "rb") as f:
-            return parse_number(f.read())
+            text = f.read().strip()
+        return -parse_number(text[1:]) if text.startswith(b"-") else parse_number(text)
     except FileNotFoundError:
         return None
     except ValueError:
@@ -135,11 +140,46 @@ def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -
         proc = _read_process(os.path.join(procdir, str(pid)), pid)
         if proc is not None:
             processes.append(proc)
-    return Snapshot(directory, clock(), values, processes, emulated="processes" in names)
+    emulator = {}
+    if "emulator_memory" in names:
+        try:
+            with open(os.path.join(directory, "emulator_memory")) as f:
+                emulator = parse_stat(f.read())
+        except OSError:
+            pass  # the daemon went away meanwhile: the report goes without it
+    return Snapshot(directory, clock(), values, processes, emulated="processes" in names, emulator=emulator)
 
 
 def mib(pages: int) -> str:
     return f"{pages * abi.PAGE_SIZE / (1 << 20):.2f}"
+
+
+def mib_of_bytes(n: int) -> str:
+    return f"{n / (1 << 20):.2f}"
+
+
+def _profit_lines(snap: Snapshot) -> list[str]:
+    """general_profit (today's kernel's formula) and, from emulator_memory, the profit net of the emulator's cost."""
+    v = snap.values
+    if "general_profit" not in v:
+        return []
+    profit, sharing = v["general_profit"], v.get("pages_sharing", 0)
+    if not snap.emulated:  # a kernel's own: real, and its zero pages count too
+        return [f"profit: {mib_of_bytes(profit)} MiB (general_profit)"]
+    # The files show no rmap count; the formula gives it back (no zero pages in 2009).
+    items = (sharing * abi.PAGE_SIZE - profit) // RMAP_ITEM_BYTES
+    lines = [
+        f"profit, today's kernel's formula: would be {mib_of_bytes(profit)} MiB "
+        f"(general_profit: {sharing} pages saved less {RMAP_ITEM_BYTES} B for each of {items} rmap items)"
+    ]
+    m = snap.emulator
+    if "emulator_profit" in m and "metadata" in m:
+        lines.append(
+            f"profit, the emulator's real cost: would be {mib_of_bytes(int(m['emulator_profit']))} MiB "
+            f"(emulator_profit: {sharing} pages saved less {mib_of_bytes(int(m['metadata']))} MiB of metadata, "
+            f"{m.get('metadata_per_page', '?')} B per registered page; see emulator_memory)"
+        )
+    return lines
 
 
 def _scanner_line(v: dict[str, int]) -> str:
@@ -190,6 +230,7 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
         lines.append(f"cost:  {mib(shared)} MiB ({kept} kept: pages_shared)")
     if shared:
         lines.append(f"sharing ratio: {sharing / shared:.1f} sites per shared page")
+    lines += _profit_lines(snap)
     host = "host_pages_sharing" in v
     if host and not v.get("cross_check", 1):
         lines.append("(the emulated scanner is paused in kernel mode, so these stay 0: --cross-check runs it)")
@@ -202,6 +243,9 @@ def render(snap: Snapshot, previous: Snapshot | None = None) -> str:
             f"  host-wide: pages_shared {h_shared}, pages_sharing {h_sharing}: {mib(h_sharing)} MiB saved, "
             "counting every user of KSM on the host"
         )
+        if "host_general_profit" in v:
+            host_profit = mib_of_bytes(v["host_general_profit"])
+            lines.append(f"  host-wide profit: {host_profit} MiB (the host's general_profit)")
     elif snap.emulated:
         lines.append("no memory is shared: these are the emulator's figures (--merge kernel shares for real)")
     if snap.processes:

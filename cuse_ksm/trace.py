@@ -14,7 +14,7 @@ import os
 import time
 
 from cuse_ksm import abi, protocol
-from cuse_ksm.device import OpenFile, SmaFile
+from cuse_ksm.device import DeviceFile, OpenFile, ScanFile, file_label
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +27,33 @@ def ioctl(
     out: bytes,
     started: float,
     *,
-    sma_id: int = 0,
+    handed: str = "",
 ) -> None:
     """Log ``req``, answered with ``result`` and ``out`` after starting at ``started`` (time.perf_counter).
 
-    The file is named from the daemon's side (the device or SMA n: the
-    caller's fd number is not known here); ``file`` is the open file behind
-    ``req.fh``, if any.  The struct is the one copied in, or for
-    GET_INFO_KTHREAD the one copied out.  A negative result is shown as
+    The file is named from the daemon's side (the device, ``sma#N`` or
+    ``scan#N``: the caller's fd number is not known here); ``file`` is the
+    open file behind ``req.fh``, if any.  The request is named with its ABI
+    (:func:`cuse_ksm.abi.ioctl_name`).  The struct is the one copied in, or
+    for GET_INFO_KTHREAD the one copied out.  A negative result is shown as
     ``-1 ERRNO (text)``; the positive quirks (+1, +22) as the plain numbers
-    the caller receives.  ``sma_id``: the SMA a CREATE_SHARED_MEMORY_AREA
-    handed out.
+    the caller receives.  ``handed``: the file a CREATE_SHARED_MEMORY_AREA
+    or KSM_CREATE_SCAN handed out.
     """
     ms = (time.perf_counter() - started) * 1e3
-    where = f"sma#{file.sma.id}" if isinstance(file, SmaFile) else devpath if file else f"fh#{req.fh}"
+    if isinstance(file, DeviceFile):
+        where = devpath
+    elif file is None:
+        where = f"fh#{req.fh}"
+    else:
+        where = file_label(file.scan if isinstance(file, ScanFile) else file.sma)
     arg = describe_arg(req.cmd, req.in_data, out, req.arg)
     if result < 0:
         name = errno.errorcode.get(-result, str(-result))
         shown = f"-1 {name} ({os.strerror(-result)})"
     else:
         shown = str(result)
-    extra = f" (sma#{sma_id})" if sma_id else ""
+    extra = f" ({handed})" if handed else ""
     bits = " [32-bit]" if req.is_32bit else ""
     log.info(
         "trace: pid %d %s %s %s = %s%s <%.3f ms>%s",
@@ -63,15 +69,9 @@ def ioctl(
 
 
 def describe_arg(cmd: int, copied_in: bytes, copied_out: bytes, arg: int) -> str:
-    """The ioctl's argument: the decoded struct when one crossed, else the raw pointer value."""
-    try:
-        if cmd == abi.KSM_GET_INFO_KTHREAD and len(copied_out) >= abi.STRUCT_SIZE:
-            return abi.KthreadInfo.unpack(copied_out[: abi.STRUCT_SIZE]).describe()
-        if len(copied_in) >= abi.STRUCT_SIZE:
-            if cmd == abi.KSM_START_STOP_KTHREAD:
-                return abi.KthreadInfo.unpack(copied_in[: abi.STRUCT_SIZE]).describe()
-            if cmd == abi.KSM_REGISTER_MEMORY_REGION:
-                return abi.MemoryRegion.unpack(copied_in[: abi.STRUCT_SIZE]).describe()
-    except ValueError:
-        pass
+    """The ioctl's argument: the decoded struct when one crossed (in, or out for GET_INFO), else the raw pointer."""
+    call = abi.CALLS.get(cmd)
+    crossed = copied_out or copied_in
+    if call is not None and call.struct is not None and len(crossed) >= call.struct.FORMAT.size:
+        return call.struct.unpack(crossed[: call.struct.FORMAT.size]).describe()
     return f"{arg:#x}" if arg else "0"

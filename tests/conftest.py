@@ -24,6 +24,7 @@ tests/test_ci_skips.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -37,9 +38,10 @@ import pytest
 import trio
 
 from cuse_ksm import abi, controltree
+from cuse_ksm import protocol as p
 from cuse_ksm.device import Done, HandOut, KsmDevice
 from cuse_ksm.engine import Engine, Sma
-from cuse_ksm.session import Borrow
+from cuse_ksm.session import Borrow, CuseSession
 from tests.engine.fakes import FakeSpace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +131,35 @@ def kthread_ioctl(engine: Engine, info: abi.KthreadInfo) -> Done:
 def sma_of(borrow: Borrow) -> Sma:
     """The SMA a hand-out's borrow hands out (the test fails if the borrow is no hand-out)."""
     assert isinstance(borrow.outcome, HandOut), borrow.outcome
-    return borrow.outcome.sma
+    assert isinstance(borrow.outcome.target, Sma), borrow.outcome
+    return borrow.outcome.target
+
+
+_uniques = itertools.count(1_000_001, 2)  # request ids of the helpers below, apart from the tests' own
+
+
+def open_fh(session: CuseSession, tid: int) -> int:
+    """A FUSE_OPEN of the device by thread ``tid``: the fh the session answered."""
+    unique = next(_uniques)
+    reply = session.receive(p.Open(unique, tid, os.O_RDWR))
+    assert isinstance(reply, bytes)
+    fh: int = p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
+    assert reply == p.reply_open(unique, fh) and fh in session.device.files
+    return fh
+
+
+def hand_out(session: CuseSession, tid: int, cmd: int = abi.KSM_CREATE_SHARED_MEMORY_AREA) -> tuple[Borrow, int]:
+    """A whole successful hand-out to ``tid``, as the daemon runs it: the borrow, and the new file's fh.
+
+    ``cmd`` is CREATE_SHARED_MEMORY_AREA (an SMA) or KSM_CREATE_SCAN (a scan fd).
+    """
+    out = session.receive(p.Ioctl(next(_uniques), tid, open_fh(session, tid), cmd, 0, 0, b"", False))
+    assert isinstance(out, tuple) and len(out) == 1 and isinstance(out[0], Borrow), out
+    borrow = out[0]
+    session.complete_ioctl(borrow)
+    fh = open_fh(session, tid)  # the open the borrowed thread makes
+    session.borrowed(borrow, (5,))
+    return borrow, fh
 
 
 def get_info(engine: Engine) -> abi.KthreadInfo:

@@ -11,19 +11,36 @@ from cuse_ksm import abi
 
 HEADER = Path(__file__).resolve().parent.parent / "include"
 
-IOCTLS = [
-    "KSM_GET_API_VERSION",
-    "KSM_CREATE_SHARED_MEMORY_AREA",
-    "KSM_START_STOP_KTHREAD",
-    "KSM_GET_INFO_KTHREAD",
-    "KSM_REGISTER_MEMORY_REGION",
-    "KSM_REMOVE_MEMORY_REGION",
-]
 CONSTANTS = ["KSMIO", "KSM_API_VERSION", "ksm_control_flags_run"]
-# Every field of both structs, in the header's order.
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """One ABI's header, and the Python class of each of its structs."""
+
+    path: str
+    structs: dict[str, type[abi.CStruct]]
+
+
+HEADERS = {
+    abi.MARCH: Header("linux/ksm.h", {"ksm_memory_region": abi.MemoryRegion, "ksm_kthread_info": abi.KthreadInfo}),
+    abi.JANUARY: Header(
+        "linux/ksm-2009-01.h",
+        {
+            "ksm_memory_region": abi.MemoryRegion2009Jan,
+            "ksm_kthread_info": abi.KthreadInfo2009Jan,
+            "ksm_user_scan": abi.UserScan,
+        },
+    ),
+}
+# Every field of every struct, in the header's order (which the C compiler
+# checks below, not taken from the Python classes).
 FIELDS = {
-    "ksm_memory_region": ["npages", "pad", "addr", "reserved_bits"],
-    "ksm_kthread_info": ["sleep", "pages_to_scan", "flags", "pad", "reserved_bits"],
+    (abi.MARCH, "ksm_memory_region"): ["npages", "pad", "addr", "reserved_bits"],
+    (abi.MARCH, "ksm_kthread_info"): ["sleep", "pages_to_scan", "flags", "pad", "reserved_bits"],
+    (abi.JANUARY, "ksm_memory_region"): ["npages", "pad", "addr"],
+    (abi.JANUARY, "ksm_kthread_info"): ["sleep", "pages_to_scan", "flags"],
+    (abi.JANUARY, "ksm_user_scan"): ["pages_to_scan", "flags"],
 }
 # A distinct value per field (each byte of each value distinct too), so that
 # the bytes C and Python lay out can be compared one for one.
@@ -38,10 +55,12 @@ MARKS = {
 }
 
 
-def probe_source() -> str:
-    """A C program that prints, one "name value" per line, every number and layout fact of the header."""
-    lines = [f'    printf("{n} %lu\\n", (unsigned long){n});' for n in IOCTLS + CONSTANTS]
-    for struct, fields in FIELDS.items():
+def probe_source(which: str) -> str:
+    """A C program that prints, one "name value" per line, every number and layout fact of one ABI's header."""
+    header = HEADERS[which]
+    lines = [f'    printf("{n} %lu\\n", (unsigned long){n});' for n in [*abi.header_names(which).values(), *CONSTANTS]]
+    for struct in header.structs:
+        fields = FIELDS[which, struct]
         lines.append(f'    printf("sizeof {struct} %zu\\n", sizeof(struct {struct}));')
         lines.append(f"    {{ struct {struct} s; memset(&s, 0, sizeof s);")
         for f in fields:
@@ -54,7 +73,7 @@ def probe_source() -> str:
 #include <stddef.h>
 #include <stdio.h>
 #include <string.h>
-#include <linux/ksm.h>
+#include <{header.path}>
 static void dump(const void *p, size_t n) {{
     for (size_t i = 0; i < n; i++) printf("%02x", ((const unsigned char *)p)[i]);
     printf("\\n");
@@ -66,50 +85,78 @@ int main(void) {{
 """
 
 
-@pytest.fixture(scope="module")
-def header_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """What the C compiler makes of include/linux/ksm.h: {"name": "value"}."""
+@pytest.fixture(scope="module", params=list(HEADERS))
+def header_facts(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, dict[str, str]]:
+    """The ABI, and what the C compiler makes of its header: {"name": "value"}."""
+    which: str = request.param
     tmp = tmp_path_factory.mktemp("abi")
     src, exe = tmp / "probe.c", tmp / "probe"
-    src.write_text(probe_source())
+    src.write_text(probe_source(which))
     subprocess.run(
         ["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", "-I", str(HEADER), "-o", str(exe), str(src)], check=True
     )
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-    return dict(line.rsplit(" ", 1) for line in out.splitlines())
+    return which, dict(line.rsplit(" ", 1) for line in out.splitlines())
 
 
-def test_every_ioctl_number_is_the_headers(header_facts: dict[str, str]) -> None:
-    from_c = {int(header_facts[name]): name for name in IOCTLS}
-    assert from_c == abi.IOCTL_NAMES
-    for name in IOCTLS:
-        assert int(header_facts[name]) == getattr(abi, name), name
+def test_every_ioctl_number_is_the_headers(header_facts: tuple[str, dict[str, str]]) -> None:
+    which, facts = header_facts
+    names = abi.header_names(which)
+    assert {int(facts[name]): name for name in names.values()} == names
+    # ... and the header has no number the table lacks: every _IO*(KSMIO, ...) it defines is there.
+    defined = re.findall(r"#define\s+(KSM_\w+)\s+_IO", (HEADER / HEADERS[which].path).read_text())
+    assert sorted(defined) == sorted(names.values())
 
 
-def test_every_constant_is_the_headers(header_facts: dict[str, str]) -> None:
-    assert int(header_facts["KSMIO"]) == abi.KSMIO
-    assert int(header_facts["KSM_API_VERSION"]) == abi.KSM_API_VERSION
-    assert int(header_facts["ksm_control_flags_run"]) == abi.KSM_CONTROL_FLAGS_RUN
+def test_every_constant_is_the_headers(header_facts: tuple[str, dict[str, str]]) -> None:
+    _, facts = header_facts
+    assert int(facts["KSMIO"]) == abi.KSMIO
+    assert int(facts["KSM_API_VERSION"]) == abi.KSM_API_VERSION
+    assert int(facts["ksm_control_flags_run"]) == abi.KSM_CONTROL_FLAGS_RUN
 
 
-@pytest.mark.parametrize(
-    ("struct", "cls"), [("ksm_memory_region", abi.MemoryRegion), ("ksm_kthread_info", abi.KthreadInfo)]
-)
-def test_every_struct_has_the_headers_layout(
-    header_facts: dict[str, str], struct: str, cls: type[abi.MemoryRegion] | type[abi.KthreadInfo]
-) -> None:
+def test_every_struct_has_the_headers_layout(header_facts: tuple[str, dict[str, str]]) -> None:
     """sizeof, each field's offset and size, and the very bytes of a struct with every field set."""
-    fields = FIELDS[struct]
-    assert int(header_facts[f"sizeof {struct}"]) == abi.STRUCT_SIZE == cls.FORMAT.size
-    assert sorted(fields) == sorted(f.name for f in dataclasses.fields(cls))
-    packed = cls(**{f: MARKS[f] for f in fields}).pack()
-    assert packed.hex() == header_facts[f"bytes {struct}"]
-    for f in fields:
-        size = int(header_facts[f"sizeof {struct}.{f}"])
-        offset = int(header_facts[f"offsetof {struct}.{f}"])
-        # Where Python's pack() puts the field: its marker, little-endian, at the C offset.
-        assert packed[offset : offset + size] == MARKS[f].to_bytes(size, "little"), f
-        assert cls.unpack(packed) == cls(**{f: MARKS[f] for f in fields})
+    which, facts = header_facts
+    for struct, cls in HEADERS[which].structs.items():
+        fields = FIELDS[which, struct]
+        assert int(facts[f"sizeof {struct}"]) == cls.FORMAT.size
+        assert sorted(fields) == sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        marked = cls(**{f: MARKS[f] for f in fields})
+        packed = marked.pack()
+        assert packed.hex() == facts[f"bytes {struct}"]
+        for f in fields:
+            size = int(facts[f"sizeof {struct}.{f}"])
+            offset = int(facts[f"offsetof {struct}.{f}"])
+            # Where Python's pack() puts the field: its marker, little-endian, at the C offset.
+            assert packed[offset : offset + size] == MARKS[f].to_bytes(size, "little"), f
+        assert cls.unpack(packed) == marked
+
+
+def test_no_number_means_two_things() -> None:
+    """One device answers both ABIs: a number the two headers share must name the same call in both."""
+    march, january = abi.header_names(abi.MARCH), abi.header_names(abi.JANUARY)
+    for number in march.keys() & january.keys():
+        assert march[number] == january[number]
+    assert sorted(march.keys() & january.keys()) == [0xAB00, 0xAB01, 0xAB21]
+
+
+def test_january_numbers_are_the_x86_64_values() -> None:
+    """The table in ../shared/reference/kvm-2009-01/README.md."""
+    assert abi.KSM_CREATE_SCAN == 0xAB02
+    assert abi.KSM_START_STOP_KTHREAD_2009_01 == 0x400CAB03
+    assert abi.KSM_GET_INFO_KTHREAD_2009_01 == 0x400CAB04
+    assert abi.KSM_REGISTER_MEMORY_REGION_2009_01 == 0x4010AB20
+    assert abi.KSM_SCAN == 0x4008AB40
+
+
+def test_trace_names_carry_their_abi() -> None:
+    assert abi.ioctl_name(abi.KSM_START_STOP_KTHREAD) == "KSM_START_STOP_KTHREAD[2009-03]"
+    assert abi.ioctl_name(abi.KSM_START_STOP_KTHREAD_2009_01) == "KSM_START_STOP_KTHREAD[2009-01]"
+    assert abi.ioctl_name(abi.KSM_GET_API_VERSION) == "KSM_GET_API_VERSION"
+    assert abi.ioctl_name(0xAB05) == "0xab05"
 
 
 def test_ioctl_numbers_are_the_x86_64_values() -> None:
@@ -133,7 +180,8 @@ def test_structs_are_24_bytes_little_endian() -> None:
     assert info.pack()[8:12] == (1).to_bytes(4, "little")
 
 
-def test_header_is_our_own_text() -> None:
+@pytest.mark.parametrize("header", [h.path for h in HEADERS.values()])
+def test_header_is_our_own_text(header: str) -> None:
     """Provenance, not layout (the tests above check that): the header says it was written for cuse-ksm."""
-    text = (HEADER / "linux" / "ksm.h").read_text()
+    text = (HEADER / header).read_text()
     assert re.search(r"cuse-ksm", text)

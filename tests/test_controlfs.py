@@ -85,7 +85,7 @@ async def mounted(nursery: trio.Nursery) -> AsyncIterator[tuple[Engine, str]]:
 async def test_mount_shows_a_running_engines_counters(mounted: tuple[Engine, str]) -> None:
     engine, path = mounted
     assert sorted(await trio.to_thread.run_sync(os.listdir, path)) == sorted(
-        [v.name for v in controltree.VALUES] + ["processes"]
+        [v.name for v in controltree.VALUES] + list(controltree.TEXT_FILES) + ["processes"]
     )
     assert await read(f"{path}/pages_sharing") == "0\n"
     # Start the scanner through the files, as an administrator would.
@@ -99,6 +99,13 @@ async def test_mount_shows_a_running_engines_counters(mounted: tuple[Engine, str
     assert await read(f"{path}/processes/4242/ksm_merging_pages") == "16\n"
     regions = (await read(f"{path}/processes/4242/regions")).splitlines()
     assert regions[0] == "sma addr npages merged" and regions[1].split()[1:] == ["0x10000", "17", "16"]
+    # The profit files, longer than one number, come through the mount whole.
+    stat = controltree.parse_stat(await read(f"{path}/processes/4242/ksm_stat"))
+    assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == ("17", "16")
+    assert stat["ksm_process_profit"] == str(16 * 4096 - 17 * 64)
+    assert await read(f"{path}/general_profit") == f"{15 * 4096 - 17 * 64}\n"
+    memory = controltree.parse_stat(await read(f"{path}/emulator_memory"))
+    assert int(memory["emulator_profit"]) == 15 * 4096 - int(memory["metadata"])
     # Stop it: the counters stay, scanning stops.
     assert await write(f"{path}/run", b"0\n") == 0
     assert get_info(engine).flags == 0

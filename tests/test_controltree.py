@@ -40,6 +40,7 @@ def test_the_files_and_which_of_them_are_writable() -> None:
             "pages_volatile",
             "full_scans",
             "pages_scanned",
+            "general_profit",
         ]
     )
 
@@ -159,13 +160,23 @@ def test_counters_are_the_engines() -> None:
 def test_tree_lists_values_and_a_directory_per_process() -> None:
     e = engine_with_duplicates(8, (300, 100))
     tree = ControlTree(e)
-    assert [name for name, _ in tree.entries(ROOT_INODE)] == [v.name for v in controltree.VALUES] + ["processes"]
+    assert [name for name, _ in tree.entries(ROOT_INODE)] == [
+        *(v.name for v in controltree.VALUES),
+        "emulator_memory",
+        "processes",
+    ]
     assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100", "300"]
     proc = tree.path("processes/100")
     assert proc is not None
     node = tree.node(proc)
     assert node is not None and node.is_dir
-    assert [name for name, _ in tree.entries(proc)] == ["ksm_merging_pages", "regions", "pages", "page_runs"]
+    assert [name for name, _ in tree.entries(proc)] == [
+        "ksm_merging_pages",
+        "regions",
+        "ksm_stat",
+        "pages",
+        "page_runs",
+    ]
     assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
     sma = e.slots[1].sma.id
     assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
@@ -175,6 +186,72 @@ def test_tree_lists_values_and_a_directory_per_process() -> None:
     e.remove_regions(e.slots[0].sma)
     assert [name for name, _ in tree.entries(PROCESSES_INODE)] == ["100"]
     assert tree.node(ControlTree.process_inode(300)) is None
+
+
+def test_profit_files_follow_the_kernels_formulas() -> None:
+    """Two processes of 8 equal and 2 unique pages: 16 sharers of one shared page, 20 rmap items."""
+    e = engine_with_duplicates(8, (100, 200))
+    tree = ControlTree(e)
+    # (pages_sharing + ksm_zero_pages) * 4096 - rmap_items * 64
+    assert tree.read(at(tree, "general_profit")) == b"%d\n" % (15 * 4096 - 20 * 64)
+    # Today's /proc/PID/ksm_stat, line for line: (ksm_merging_pages + zero) * 4096 - ksm_rmap_items * 64.
+    assert tree.read(at(tree, "processes/100/ksm_stat")) == (
+        b"ksm_rmap_items 10\n"
+        b"ksm_zero_pages 0\n"
+        b"ksm_merging_pages 8\n"
+        b"ksm_process_profit %d\n"
+        b"ksm_merge_any: no\n"
+        b"ksm_mergeable: yes\n" % (8 * 4096 - 10 * 64)
+    )
+    assert tree.path("processes/999/ksm_stat") is None
+
+
+def test_all_unique_pages_make_a_loss_of_64_bytes_a_page() -> None:
+    e = Engine()
+    space = FakeSpace(100)
+    space.map(0x10000, [unique_page(i) for i in range(300)])
+    e.register(e.new_sma(), space, 0x10000, 300)
+    full_scans(e, 3)
+    tree = ControlTree(e)
+    assert tree.read(at(tree, "general_profit")) == b"-19200\n"
+    stat = controltree.parse_stat(tree.read(at(tree, "processes/100/ksm_stat")).decode())
+    assert stat == {
+        "ksm_rmap_items": "300",
+        "ksm_zero_pages": "0",
+        "ksm_merging_pages": "0",
+        "ksm_process_profit": "-19200",
+        "ksm_merge_any": "no",
+        "ksm_mergeable": "yes",
+    }
+
+
+def test_emulator_memory_is_the_engines_count() -> None:
+    e = engine_with_duplicates(8, (100,))
+    tree = ControlTree(e)
+    m = e.memory()
+    got = controltree.parse_stat(tree.read(at(tree, "emulator_memory")).decode())
+    assert list(got) == [
+        "rmap_chunks",
+        "unstable_table",
+        "stable_pages",
+        "slots",
+        "read_buffer",
+        "metadata",
+        "shared_copies",
+        "registered_pages",
+        "rmap_items",
+        "metadata_per_page",
+        "metadata_per_rmap_item",
+        "emulator_profit",
+    ]
+    parts = [int(got[k]) for k in ("rmap_chunks", "unstable_table", "stable_pages", "slots", "read_buffer")]
+    assert sum(parts) == int(got["metadata"]) == m.metadata
+    assert (got["registered_pages"], got["rmap_items"]) == ("10", "10")
+    assert int(got["emulator_profit"]) == 7 * 4096 - m.metadata
+    assert float(got["metadata_per_page"]) == round((m.metadata - m.buffer) / 10, 1)
+    with pytest.raises(OSError) as exc:
+        tree.write(at(tree, "emulator_memory"), b"1\n")
+    assert exc.value.errno == errno.EACCES
 
 
 def test_tree_writes_only_the_knobs() -> None:

@@ -46,9 +46,9 @@ def new_sma_fh(dev, tid=100):
     fh = device_fh(dev)
     out = dev.ioctl(fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, tid, b"")
     assert isinstance(out, HandOut)
-    file = dev.open(sma=out.sma)
-    assert isinstance(file, SmaFile) and file.sma is out.sma
-    return file.fh, out.sma
+    file = dev.open(handed=out.target)
+    assert isinstance(file, SmaFile) and file.sma is out.target
+    return file.fh, out.target
 
 
 def region(npages, addr, pad=0, reserved=0):
@@ -88,7 +88,7 @@ def test_stop_with_zero_pages_is_accepted(dev):
     assert dev.engine.kthread == abi.KthreadInfo(7, 0, 0)
 
 
-@pytest.mark.parametrize("cmd", [0xAB02, 0xAB04, 0x4018AB20, 0xAB21, 0, 0xFFFFFFFF])
+@pytest.mark.parametrize("cmd", [0xAB05, 0xAB04, 0x4018AB20, 0xAB21, 0, 0xFFFFFFFF])
 def test_unknown_device_command_is_minus_einval(dev, cmd):
     assert dev.ioctl(device_fh(dev), cmd, 1, b"") == Done(-errno.EINVAL)
 
@@ -167,15 +167,15 @@ def test_release_of_device_file_keeps_smas(dev):
 
 def test_failed_hand_out_forgets_the_sma(dev):
     out = dev.ioctl(device_fh(dev), abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
-    assert out.sma.id in dev.engine.smas
-    dev.hand_out_failed(out.sma)
-    assert out.sma.id not in dev.engine.smas
+    assert out.target.id in dev.engine.smas
+    dev.hand_out_failed(out.target)
+    assert out.target.id not in dev.engine.smas
 
 
 def test_open_that_arrived_before_the_hand_out_failed_gives_ebadf(dev):
     out = dev.ioctl(device_fh(dev), abi.KSM_CREATE_SHARED_MEMORY_AREA, 9, b"")
-    sma_fh = dev.open(sma=out.sma).fh
-    dev.hand_out_failed(out.sma)
+    sma_fh = dev.open(handed=out.target).fh
+    dev.hand_out_failed(out.target)
     assert dev.ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION, 9, region(1, 0x1000)) == Done(-errno.EBADF)
     dev.release(sma_fh)  # the kernel's later RELEASE is harmless
 

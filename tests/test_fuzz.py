@@ -1,10 +1,11 @@
 """Property-based fuzzing of the wire codec and of every ioctl through the real request loop.
 
 Each ioctl's answer is compared with :class:`Driver2009`, a model of the 2009
-driver written here from its description (the header's numbers and the
+drivers (the March patch and the January kvm-tree module, both on one
+device) written here from their description (the headers' numbers and the
 quirks, listed in its docstring) and not from ``cuse_ksm/device.py``: the exact
-result and the exact bytes copied out, for every command on every kind of
-file in every state.  Garbage on the channel gets no reply, and after every
+result and the exact bytes copied out, for every command of either ABI on
+every kind of file in every state.  Garbage on the channel gets no reply, and after every
 step the files, SMAs and regions are those the model expects and the engine
 passes its own consistency check (:func:`cuse_ksm.engine.check.check_engine`).
 """
@@ -27,7 +28,7 @@ from hypothesis import strategies as st
 
 from cuse_ksm import protocol as p
 from cuse_ksm.daemon import Server
-from cuse_ksm.device import KsmDevice
+from cuse_ksm.device import KsmDevice, ScanFile
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.syscall import BorrowError, Errand
@@ -37,10 +38,14 @@ from tests.fakekernel import FakeKernel
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-# The header's numbers, written out again so that the model shares nothing with the code it checks.
+# The headers' numbers, written out again so that the model shares nothing with the code it checks.
 GET_API_VERSION, CREATE, START_STOP, GET_INFO = 0xAB00, 0xAB01, 0x4018AB02, 0x4018AB03
 REGISTER, REMOVE = 0x4018AB20, 0xAB21
+# ... and January's (include/linux/ksm-2009-01.h).
+CREATE_SCAN, JAN_START_STOP, JAN_GET_INFO, JAN_REGISTER, SCAN = 0xAB02, 0x400CAB03, 0x400CAB04, 0x4010AB20, 0x4008AB40
 KNOWN = [GET_API_VERSION, CREATE, START_STOP, GET_INFO, REGISTER, REMOVE]
+KNOWN += [CREATE_SCAN, JAN_START_STOP, JAN_GET_INFO, JAN_REGISTER, SCAN]
+CREATES = {CREATE: "sma", CREATE_SCAN: "scan"}
 
 
 def ioc(direction: int, nr: int, size: int, typ: int = 0xAB) -> int:
@@ -97,6 +102,10 @@ class SmaState:
     spaces: list[FakeSpace] = field(default_factory=list)  # one per REGISTER since the last REMOVE
 
 
+class ScanState:
+    """A January scan fd: it holds nothing, and answers everything alike."""
+
+
 @dataclass(frozen=True)
 class Answer:
     result: int
@@ -111,7 +120,11 @@ class Driver2009:
     command is -EINVAL on the device but +22 on an SMA; REGISTER validates
     none of npages, addr, pad, reserved_bits; REMOVE drops every region of
     the SMA; GET_INFO_KTHREAD copies out although encoded _IOW; no
-    compat_ioctl, so a 32-bit caller gets -ENOTTY for anything.
+    compat_ioctl, so a 32-bit caller gets -ENOTTY for anything.  January's
+    calls are the same calls with 12-byte (kthread) and 16-byte (region)
+    structs, on one set of parameters; its scan fd answers +22 to every
+    command without reading the pointer (KSM_SCAN was commented out).  Its
+    compat_ioctl is not served: -ENOTTY there too.
 
     Of the transport: the kernel copies a struct in before the driver runs,
     so a bad pointer is -EFAULT whatever the file's state; a file handle the
@@ -123,25 +136,28 @@ class Driver2009:
 
     def __init__(self) -> None:
         self.kthread = (0, 0, 0)  # sleep, pages_to_scan, flags: the scanner idle
-        self.files: dict[int, SmaState | None] = {}  # fh -> its SMA, or None for a device file
+        # fh -> its SMA or scan, or None for a device file
+        self.files: dict[int, SmaState | ScanState | None] = {}
 
     def ioctl(self, fh: int, cmd: int, data: bytes | None, tid: int, compat: bool) -> Answer | None:
-        """The answer, or None for a CREATE on a device file (see :meth:`created`)."""
+        """The answer, or None for a CREATE or CREATE_SCAN on a device file (run_scenario's create())."""
         if fh not in self.files:
             return Answer(-errno.EBADF)
         if compat:
             return Answer(-errno.ENOTTY)
-        sma = self.files[fh]
-        if sma is None:
+        file = self.files[fh]
+        if file is None:
             return self._device(cmd, data)
-        return self._sma(sma, cmd, data, tid)
+        if isinstance(file, ScanState):
+            return Answer(22)
+        return self._sma(file, cmd, data, tid)
 
     def _device(self, cmd: int, data: bytes | None) -> Answer | None:
         if cmd == GET_API_VERSION:
             return Answer(1)
-        if cmd == CREATE:
+        if cmd in CREATES:
             return None
-        if cmd == START_STOP:
+        if cmd in (START_STOP, JAN_START_STOP):
             if data is None:
                 return Answer(-errno.EFAULT)
             sleep, pages, flags = struct.unpack_from("<III", data)
@@ -151,14 +167,16 @@ class Driver2009:
             return Answer(0)
         if cmd == GET_INFO:
             return Answer(0, struct.pack("<IIIIQ", *self.kthread, 0, 0))
+        if cmd == JAN_GET_INFO:
+            return Answer(0, struct.pack("<III", *self.kthread))
         return Answer(-errno.EINVAL)
 
     def _sma(self, sma: SmaState, cmd: int, data: bytes | None, tid: int) -> Answer:
-        if cmd == REGISTER and data is None:
+        if cmd in (REGISTER, JAN_REGISTER) and data is None:
             return Answer(-errno.EFAULT)
         if not sma.alive:
             return Answer(-errno.EBADF)
-        if cmd == REGISTER:
+        if cmd in (REGISTER, JAN_REGISTER):
             return Answer({EXITING: -errno.EPERM, DENIED: -errno.EACCES, NOMEM: -errno.ENOMEM}.get(tid, 0))
         if cmd == REMOVE:
             sma.spaces = []
@@ -169,10 +187,11 @@ class Driver2009:
         self.files.pop(fh)
 
     def live_smas(self) -> list[SmaState]:
-        return [s for s in self.files.values() if s is not None and s.alive]
+        return [s for s in self.files.values() if isinstance(s, SmaState) and s.alive]
 
 
-Op = tuple[Any, ...]  # ("open",), ("release", index), ("create", mode), ("garbage", bytes), ("ioctl", ...)
+# ("open",), ("release", index), ("create", mode[, command]), ("garbage", bytes), ("ioctl", ...)
+Op = tuple[Any, ...]
 
 # How the fd hand-out of a CREATE ends: fd delivered; the caller already
 # traced (nothing happened); the caller killed before its open arrived; the
@@ -209,7 +228,9 @@ def operations(draw: st.DrawFn) -> list[Op]:
         elif kind == "release":
             ops.append((kind, draw(fh_index)))
         elif kind == "create":
-            ops.append((kind, draw(st.sampled_from(HANDOUT_MODES))))
+            ops.append(
+                (kind, draw(st.sampled_from(HANDOUT_MODES)), draw(st.sampled_from([CREATE, CREATE, CREATE_SCAN])))
+            )
         elif kind == "garbage":
             ops.append((kind, draw(st.binary(min_size=1, max_size=200).filter(not_a_request))))
         else:
@@ -249,10 +270,10 @@ def run_scenario(ops: list[Op]) -> None:
         server = Server(ours.fileno(), session, borrower)
         fhs: list[int] = []
 
-        async def create(fh: int, tid: int, flags: int = 0) -> None:
-            """A CREATE on a device file: its answer, then the outcome of the hand-out."""
+        async def create(fh: int, tid: int, cmd: int, flags: int = 0) -> None:
+            """A CREATE or CREATE_SCAN on a device file: its answer, then the outcome of the hand-out."""
             calls, smas = len(handouts), len(engine.smas)
-            answer = Answer(*await kernel.ioctl(fh, CREATE, pid=tid, flags=flags))
+            answer = Answer(*await kernel.ioctl(fh, cmd, pid=tid, flags=flags))
             with trio.fail_after(5):
                 await trio.testing.wait_all_tasks_blocked()  # the hand-out ran to its end
             assert handouts[calls:] == [(tid, "openat", b"/nonexistent/ksm\0", os.O_RDWR)]
@@ -270,7 +291,10 @@ def run_scenario(ops: list[Op]) -> None:
             new = opened[-1]
             assert new not in model.files
             fhs.append(new)
-            if mode[0] == "ok":
+            if cmd == CREATE_SCAN:
+                model.files[new] = ScanState()  # alive or not, a scan fd answers alike
+                assert len(engine.smas) == smas
+            elif mode[0] == "ok":
                 model.files[new] = SmaState()
                 assert len(engine.smas) == smas + 1
             else:
@@ -283,6 +307,9 @@ def run_scenario(ops: list[Op]) -> None:
             assert len(engine.smas) == len(live)
             assert len(engine.slots) == sum(len(s.spaces) for s in live)
             held = [space for s in live for space in s.spaces]
+            assert all(
+                isinstance(model.files[fh], ScanState) == isinstance(f, ScanFile) for fh, f in device.files.items()
+            )
             assert all(space.closes == 0 for space in held), "a registered region lost its memory"
             assert all(space.closes == 1 for space in spaces.opened if space not in held)
             check_engine(engine)
@@ -306,7 +333,7 @@ def run_scenario(ops: list[Op]) -> None:
                         model.released(fh)
                 elif op[0] == "create":
                     mode[0] = op[1]
-                    await create(dev_fh, CALLER)
+                    await create(dev_fh, CALLER, op[2] if len(op) > 2 else CREATE)
                 elif op[0] == "garbage":
                     theirs.send(op[1])
                 else:
@@ -317,14 +344,14 @@ def run_scenario(ops: list[Op]) -> None:
                     registered = len(spaces.opened)
                     want = model.ioctl(fh, cmd, data, tid, compat)
                     if want is None:
-                        await create(fh, tid, flags)
+                        await create(fh, tid, cmd, flags)
                     else:
                         result, out = await kernel.ioctl(fh, cmd, data=data, pid=tid, flags=flags)
                         assert Answer(result, out) == want, (hex(cmd), fh, who, compat)
-                        if cmd == REGISTER and want.result == 0:
+                        if cmd in (REGISTER, JAN_REGISTER) and want.result == 0:
                             assert len(spaces.opened) == registered + 1
                             sma = model.files[fh]
-                            assert sma is not None
+                            assert isinstance(sma, SmaState)
                             sma.spaces.append(spaces.opened[-1])
                         else:
                             assert len(spaces.opened) == registered
@@ -356,18 +383,19 @@ def test_random_request_sequences_get_the_2009_drivers_answers(ops: list[Op]) ->
 @pytest.mark.parametrize("mode", HANDOUT_MODES)
 def test_each_handout_outcome(mode: str) -> None:
     """Every way a CREATE ends, then every command on the file it left behind (the fuzz may miss one)."""
-    ops: list[Op] = [("create", mode)]
+    ops: list[Op] = [("create", mode, CREATE), ("create", mode, CREATE_SCAN)]
     for cmd in KNOWN:
-        ops.append(("ioctl", 0, cmd, bytes(range(24)), "caller", False))
+        ops += [("ioctl", index, cmd, bytes(range(24)), "caller", False) for index in (0, 1)]
     ops += [("ioctl", 0, REGISTER, bytes(24), "caller", False), ("release", 0)]
     run_scenario(ops)
 
 
 def test_every_command_on_every_kind_of_file() -> None:
-    """A fixed sweep: device and SMA files, good and bad pointers, each caller, 64-bit and 32-bit."""
-    ops: list[Op] = [("open",), ("create", "ok"), ("create", "killed_after_open")]
+    """A fixed sweep: device, SMA and scan files, good and bad pointers, each caller, 64-bit and 32-bit."""
+    ops: list[Op] = [("open",), ("create", "ok", CREATE), ("create", "killed_after_open", CREATE)]
+    ops += [("create", "ok", CREATE_SCAN)]
     start = struct.pack("<III", 7, 0, 1) + bytes(12)  # run with no pages: the +1 quirk
-    for index in range(4):
+    for index in range(5):
         for cmd in [*KNOWN, 0xAB7F, ioc(2, 3, 24)]:
             for data in (start, struct.pack("<III", 7, 9, 1) + bytes(12), None):
                 for who in CALLERS:

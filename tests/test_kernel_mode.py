@@ -24,6 +24,7 @@ from cuse_ksm.engine import Engine, Slot
 from cuse_ksm.host.hostksm import HostCounters, HostKsm
 from cuse_ksm.host.syscall import MADV_MERGEABLE, MADV_UNMERGEABLE, NR_MADVISE
 from cuse_ksm.session import MERGE, UNMERGE, Borrow, CuseSession
+from tests.conftest import hand_out
 from tests.engine.fakes import FakeSpace
 
 PAGE = abi.PAGE_SIZE
@@ -38,6 +39,9 @@ class Host:
         self.mergeable: dict[tuple[int, int, int], tuple[int, int]] = {}
         self.merging = {A: 4096}
         self.asked: list[tuple[int, int, int]] = []
+        # A kernel before 6.4 (the VM's 6.1) has no general_profit; before 6.1 no ksm_stat.
+        self.general_profit: int | None = None
+        self.ksm_stat: dict[int, str] = {}
 
     def mergeable_pages(self, tgid: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         self.asked += [(tgid, addr, npages) for addr, npages in ranges]
@@ -50,6 +54,8 @@ class Host:
             merging_pages=self.merging.get,
             counters=lambda: HostCounters(pages_shared=3, pages_sharing=5000, pages_unshared=1, pages_volatile=0,
                                           full_scans=2),
+            general_profit=lambda: self.general_profit,
+            ksm_stat=self.ksm_stat.get,
         )  # fmt: skip
 
 
@@ -69,26 +75,18 @@ def up(host: Host) -> CuseSession:
 _uniques = iter(range(100, 1 << 30, 2))
 
 
-def sma(session: CuseSession, tid: int = A + 1) -> int:
-    """A new SMA's fh, handed out as the daemon does."""
-    dev = session.receive(p.Open(next(_uniques), tid, os.O_RDWR))
-    assert isinstance(dev, bytes)
-    fh = p.OPEN_OUT.unpack_from(dev, p.OUT_HEADER.size)[0]
-    out = session.receive(p.Ioctl(next(_uniques), tid, fh, abi.KSM_CREATE_SHARED_MEMORY_AREA, 0, 0, b"", False))
-    assert isinstance(out, tuple)
-    (borrow,) = out
-    assert isinstance(borrow, Borrow)
-    session.complete_ioctl(borrow)
-    opened = session.receive(p.Open(next(_uniques), tid, os.O_RDWR))
-    assert isinstance(opened, bytes)
-    session.borrowed(borrow, (5,))
-    sma_fh: int = p.OPEN_OUT.unpack_from(opened, p.OUT_HEADER.size)[0]
-    return sma_fh
+# The REGISTER of each ABI, with its struct (the January one is 16 bytes).
+REGISTERS = {
+    abi.KSM_REGISTER_MEMORY_REGION: abi.MemoryRegion,
+    abi.KSM_REGISTER_MEMORY_REGION_2009_01: abi.MemoryRegion2009Jan,
+}
 
 
-def register(session: CuseSession, fh: int, addr: int, npages: int, tid: int = A + 1) -> bytes | Borrow:
-    region = abi.MemoryRegion(npages=npages, addr=addr).pack()
-    req = p.Ioctl(next(_uniques), tid, fh, abi.KSM_REGISTER_MEMORY_REGION, 0, 0, region, False)
+def register(
+    session: CuseSession, fh: int, addr: int, npages: int, tid: int = A + 1, cmd: int = abi.KSM_REGISTER_MEMORY_REGION
+) -> bytes | Borrow:
+    region = REGISTERS[cmd](npages=npages, addr=addr).pack()
+    req = p.Ioctl(next(_uniques), tid, fh, cmd, 0, 0, region, False)
     out = session.receive(req)
     if isinstance(out, bytes):
         return out
@@ -120,9 +118,10 @@ def the_slot(session: CuseSession) -> Slot:
 # -- REGISTER ------------------------------------------------------------------------
 
 
-def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSession, host: Host) -> None:
-    fh = sma(up)
-    borrow = register(up, fh, BASE, 16)
+@pytest.mark.parametrize("cmd", REGISTERS, ids=abi.ioctl_name)
+def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSession, host: Host, cmd: int) -> None:
+    fh = hand_out(up, A + 1)[1]
+    borrow = register(up, fh, BASE, 16, cmd=cmd)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 16 * PAGE, MADV_MERGEABLE)]
     assert borrow.errand.returns == 0  # the 2009 result, whatever madvise says
@@ -139,39 +138,39 @@ def test_register_has_the_caller_madvise_its_region_and_returns_0(up: CuseSessio
 
 def test_an_unaligned_region_is_advised_from_the_page_that_holds_it(up: CuseSession) -> None:
     """The 2009 driver scanned from the page holding addr; madvise wants that page's address."""
-    borrow = register(up, sma(up), BASE + 123, 2)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE + 123, 2)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(BASE, 2 * PAGE, MADV_MERGEABLE)]
 
 
 def test_a_region_of_no_pages_needs_no_madvise(up: CuseSession) -> None:
-    out = register(up, sma(up), BASE, 0)
+    out = register(up, hand_out(up, A + 1)[1], BASE, 0)
     assert isinstance(out, bytes) and p.IOCTL_OUT.unpack_from(out, p.OUT_HEADER.size)[0] == 0
     assert the_slot(up).host_advice == ""
 
 
 def test_a_region_that_wraps_is_clipped_to_the_address_space(up: CuseSession) -> None:
     top = (1 << 64) - 4 * PAGE
-    borrow = register(up, sma(up), top, 0xFFFFFFFF)
+    borrow = register(up, hand_out(up, A + 1)[1], top, 0xFFFFFFFF)
     assert isinstance(borrow, Borrow)
     assert madvised(borrow) == [(top, 4 * PAGE, MADV_MERGEABLE)]
 
 
 def test_a_failing_madvise_is_logged_and_shown_and_the_ioctl_still_returns_0(up: CuseSession, caplog) -> None:
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (-errno.ENOMEM,))
     assert the_slot(up).host_advice == "ENOMEM"
     assert (
-        f"KSM_REGISTER_MEMORY_REGION from tid {A + 1}: madvise({BASE:#x}, {16 * PAGE:#x}) failed with ENOMEM "
+        f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {A + 1}: madvise({BASE:#x}, {16 * PAGE:#x}) failed with ENOMEM "
         "(part of the range is not mapped; the mapped parts were advised)"
     ) in caplog.messages
 
 
 def test_a_shared_mapping_is_reported_although_madvise_returned_0(up: CuseSession, host: Host, caplog) -> None:
     host.mergeable[(A, BASE, 16)] = (16, 0)  # MAP_SHARED: the kernel ignores the advice
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (0,))
@@ -184,7 +183,7 @@ def test_a_shared_mapping_is_reported_although_madvise_returned_0(up: CuseSessio
 def test_a_region_unmapped_before_we_look_is_no_shared_mapping(up: CuseSession, host: Host, caplog) -> None:
     """The caller's ioctl returns before the daemon reads smaps: what it unmapped meanwhile is not reported."""
     host.mergeable[(A, BASE, 16)] = (4, 4)  # 12 pages unmapped since madvise marked them
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     up.borrowed(borrow, (0,))
@@ -195,7 +194,7 @@ def test_a_region_unmapped_before_we_look_is_no_shared_mapping(up: CuseSession, 
 @pytest.mark.parametrize("replied", [False, True])
 def test_a_caller_that_cannot_be_borrowed_still_gets_0(up: CuseSession, caplog, replied: bool) -> None:
     """A traced caller (EBUSY), before or after its ioctl was completed: one answer, 0, and a log line."""
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     if replied:
         up.complete_ioctl(borrow)
@@ -210,7 +209,7 @@ def test_a_caller_that_cannot_be_borrowed_still_gets_0(up: CuseSession, caplog, 
 
 def test_a_caller_killed_in_its_madvise_is_no_warning(up: CuseSession, caplog) -> None:
     caplog.set_level(logging.INFO, logger="cuse_ksm.session")
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
     assert up.borrow_failed(borrow, errno.ESRCH, "thread 101 was killed while borrowed") is None
@@ -218,14 +217,14 @@ def test_a_caller_killed_in_its_madvise_is_no_warning(up: CuseSession, caplog) -
 
 
 def test_stopping_the_daemon_mid_madvise_answers_0(up: CuseSession) -> None:
-    borrow = register(up, sma(up), BASE, 16)
+    borrow = register(up, hand_out(up, A + 1)[1], BASE, 16)
     assert isinstance(borrow, Borrow)
     assert up.borrow_cancelled(borrow) == p.reply_ioctl(borrow.request.unique, 0)
 
 
 def test_a_region_removed_while_its_madvise_runs_is_reported(up: CuseSession, caplog) -> None:
     """Thread 1 is on its way to MADV_MERGEABLE when thread 2 REMOVEs: the advice outlives the region."""
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     borrow = register(up, fh, BASE, 16)
     assert isinstance(borrow, Borrow)
     up.complete_ioctl(borrow)
@@ -246,7 +245,7 @@ def finish(session: CuseSession, out: bytes | Borrow) -> None:
 
 def test_remove_unmerges_what_the_process_no_longer_registers(up: CuseSession) -> None:
     """Only the caller's process, and never a range another of its regions still covers."""
-    first, second = sma(up), sma(up)
+    first, second = hand_out(up, A + 1)[1], hand_out(up, A + 1)[1]
     finish(up, register(up, first, BASE, 16))  # [0, 16)
     finish(up, register(up, first, BASE + 32 * PAGE, 8))  # [32, 40)
     finish(up, register(up, first, BASE + 100 * PAGE, 4, tid=B + 1))  # another process's region on the same SMA
@@ -266,7 +265,7 @@ def test_remove_unmerges_what_the_process_no_longer_registers(up: CuseSession) -
 
 
 def test_remove_of_ranges_still_registered_needs_no_madvise(up: CuseSession) -> None:
-    first, second = sma(up), sma(up)
+    first, second = hand_out(up, A + 1)[1], hand_out(up, A + 1)[1]
     finish(up, register(up, first, BASE, 4))
     finish(up, register(up, second, BASE, 16))
     out = remove(up, first)
@@ -274,7 +273,7 @@ def test_remove_of_ranges_still_registered_needs_no_madvise(up: CuseSession) -> 
 
 
 def test_a_failing_unmerge_is_logged(up: CuseSession, caplog) -> None:
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     finish(up, register(up, fh, BASE, 4))
     borrow = remove(up, fh)
     assert isinstance(borrow, Borrow)
@@ -285,7 +284,7 @@ def test_a_failing_unmerge_is_logged(up: CuseSession, caplog) -> None:
 
 def test_emulation_never_borrows_for_register_or_remove() -> None:
     device = KsmDevice(Engine(), FakeSpace)
-    fh = device.open(sma=device.engine.new_sma()).fh
+    fh = device.open(handed=device.engine.new_sma()).fh
     region = abi.MemoryRegion(npages=16, addr=BASE).pack()
     assert device.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, A, region) == device.ioctl(
         fh, abi.KSM_REMOVE_MEMORY_REGION, A, b""
@@ -298,7 +297,7 @@ def test_emulation_never_borrows_for_register_or_remove() -> None:
 
 
 def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, host: Host) -> None:
-    fh = sma(up)
+    fh = hand_out(up, A + 1)[1]
     finish(up, register(up, fh, BASE, 16))
     failed = register(up, fh, BASE + 64 * PAGE, 8)
     assert isinstance(failed, Borrow)
@@ -318,9 +317,10 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
     assert [name for name, _ in tree.entries(tree.path(f"processes/{A}") or 0)] == [
         "ksm_merging_pages",
         "regions",
-        "host_ksm_merging_pages",
+        "ksm_stat",
         "pages",
         "page_runs",
+        "host_ksm_merging_pages",
     ]
     assert read(f"processes/{A}/host_ksm_merging_pages") == b"4096\n"
     assert read(f"processes/{A}/regions").decode().splitlines() == [
@@ -330,8 +330,30 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
     ]
 
 
+def test_the_hosts_profit_files_appear_where_the_host_kernel_has_them(up: CuseSession, host: Host) -> None:
+    finish(up, register(up, hand_out(up, A + 1)[1], BASE, 16))
+    # A 6.1 kernel: no general_profit, and the test's host has no ksm_stat either.
+    tree = ControlTree(up.device.engine, up.device.host)
+    assert tree.path("host_general_profit") is None
+    assert tree.path(f"processes/{A}/host_ksm_stat") is None
+    # A 6.18 kernel: both, read from the host at every read, its text passed on as it is.
+    host.general_profit = -1048576
+    stat = "ksm_rmap_items 16\nksm_zero_pages 0\nksm_merging_pages 0\nksm_process_profit -1024\n"
+    host.ksm_stat[A] = host.ksm_stat[os.getpid()] = stat
+    tree = ControlTree(up.device.engine, up.device.host)
+    read = lambda path: tree.read(tree.path(path) or 0)  # noqa: E731
+    assert read("host_general_profit") == b"-1048576\n"
+    host.general_profit = 4096
+    assert read("host_general_profit") == b"4096\n"
+    assert read(f"processes/{A}/host_ksm_stat") == stat.encode()
+    assert [name for name, _ in tree.entries(tree.path(f"processes/{A}") or 0)][-2:] == [
+        "host_ksm_merging_pages",
+        "host_ksm_stat",
+    ]
+
+
 def test_emulate_mode_has_no_host_files(up: CuseSession) -> None:
-    finish(up, register(up, sma(up), BASE, 16))
+    finish(up, register(up, hand_out(up, A + 1)[1], BASE, 16))
     tree = ControlTree(up.device.engine)
     assert not any(name.startswith("host_") or name == "cross_check" for name, _ in tree.entries(1))
     assert tree.path("host_pages_sharing") is None

@@ -19,7 +19,7 @@ from cuse_ksm.device import DeviceFile, KsmDevice, SmaFile
 from cuse_ksm.engine import Engine
 from cuse_ksm.host.syscall import AT_FDCWD, NR_OPENAT, STACK
 from cuse_ksm.session import HAND_OUT, Borrow, CuseSession, NodeAccess, SetNodeAccess
-from tests.conftest import sma_of
+from tests.conftest import hand_out, open_fh, sma_of
 
 TID = 4321
 ARG = 0x7FFF0000  # the caller's pointer argument
@@ -51,15 +51,6 @@ _uniques = iter(range(100, 1 << 30, 2))
 
 def ioctl(fh: int, cmd: int, *, data: bytes = b"", out_size: int = 0, pid: int = TID, is_32bit: bool = False):
     return p.Ioctl(next(_uniques), pid, fh, cmd, ARG, out_size, data, is_32bit)
-
-
-def open_fh(session: CuseSession, pid: int = TID) -> int:
-    unique = next(_uniques)
-    reply = session.receive(p.Open(unique, pid, os.O_RDWR))
-    assert isinstance(reply, bytes)
-    fh: int = p.OPEN_OUT.unpack_from(reply, p.OUT_HEADER.size)[0]
-    assert reply == p.reply_open(unique, fh) and fh in session.device.files
-    return fh
 
 
 # -- before CUSE_INIT ---------------------------------------------------------------
@@ -113,7 +104,7 @@ def test_init_asks_for_the_node_access_when_one_is_given():
 
 
 def test_open_release_flush_destroy(up):
-    fh = open_fh(up)
+    fh = open_fh(up, TID)
     assert isinstance(up.device.files[fh], DeviceFile)
     assert up.receive(p.Flush(7, TID, fh)) == p.reply_empty(7)
     assert up.receive(p.Release(8, TID, fh, 0)) == p.reply_empty(8)
@@ -131,7 +122,7 @@ def test_other_opcodes_get_enosys(up, opcode):
 
 
 def test_quick_ioctls_are_answered_at_once(up):
-    fh = open_fh(up)
+    fh = open_fh(up, TID)
     req = ioctl(fh, abi.KSM_GET_API_VERSION)
     assert up.receive(req) == p.reply_ioctl(req.unique, abi.KSM_API_VERSION)
     req = ioctl(fh, 0xAB7F)
@@ -143,7 +134,7 @@ def test_quick_ioctls_are_answered_at_once(up):
 
 
 def test_commands_that_need_the_callers_memory_ask_for_it_first(up):
-    fh = open_fh(up)
+    fh = open_fh(up, TID)
     info = abi.KthreadInfo(sleep=200, pages_to_scan=64, flags=1)
     # START_STOP_KTHREAD copies the struct in: RETRY naming 24 bytes in, then the answer.
     req = ioctl(fh, abi.KSM_START_STOP_KTHREAD)
@@ -156,7 +147,7 @@ def test_commands_that_need_the_callers_memory_ask_for_it_first(up):
     req = ioctl(fh, abi.KSM_GET_INFO_KTHREAD, out_size=abi.STRUCT_SIZE)
     assert up.receive(req) == p.reply_ioctl(req.unique, 0, info.pack())
     # REGISTER on an SMA copies its region in.
-    sma_fh = hand_out(up)[1]
+    sma_fh = hand_out(up, TID)[1]
     req = ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION)
     assert up.receive(req) == p.reply_ioctl_retry(req.unique, ARG, abi.STRUCT_SIZE, 0)
 
@@ -173,17 +164,8 @@ def create(session: CuseSession, fh: int, pid: int = TID) -> Borrow:
     return borrow
 
 
-def hand_out(session: CuseSession) -> tuple[Borrow, int]:
-    """A whole successful hand-out: the borrow, and the SMA's fh."""
-    borrow = create(session, open_fh(session))
-    session.complete_ioctl(borrow)
-    sma_fh = open_fh(session)
-    session.borrowed(borrow, (5,))
-    return borrow, sma_fh
-
-
 def test_create_borrows_its_caller_to_open_the_device(up):
-    borrow = create(up, open_fh(up))
+    borrow = create(up, open_fh(up, TID))
     assert borrow.tid == TID
     (call,) = borrow.errand.calls
     assert borrow.errand.returns is None  # the thread gets the open's result: its fd
@@ -195,26 +177,26 @@ def test_create_borrows_its_caller_to_open_the_device(up):
 
 
 def test_the_borrowed_threads_open_is_bound_to_the_sma_and_no_other(up):
-    borrow = create(up, open_fh(up))
-    other = open_fh(up, pid=TID + 1)  # another thread opening the device meanwhile
+    borrow = create(up, open_fh(up, TID))
+    other = open_fh(up, TID + 1)  # another thread opening the device meanwhile
     assert isinstance(up.device.files[other], DeviceFile)
-    mine = open_fh(up)
+    mine = open_fh(up, TID)
     assert up.device.files[mine] == SmaFile(mine, sma_of(borrow))
     assert borrow.opened is up.device.files[mine]
-    again = open_fh(up)  # the thread opens only once while borrowed
+    again = open_fh(up, TID)  # the thread opens only once while borrowed
     assert isinstance(up.device.files[again], DeviceFile)
 
 
 def test_a_successful_hand_out(up, caplog):
     caplog.set_level(logging.DEBUG, logger="cuse_ksm.session")
-    borrow = create(up, open_fh(up))
+    borrow = create(up, open_fh(up, TID))
     assert up.complete_ioctl(borrow) == p.reply_ioctl(borrow.request.unique, 0)  # a placeholder result
     assert borrow.replied
-    sma_fh = open_fh(up)
+    sma_fh = open_fh(up, TID)
     assert up.borrows == {TID: borrow}  # still in flight until the borrowed call returns
     assert up.borrowed(borrow, (7,)) is None
     assert up.borrows == {}
-    assert f"SMA {sma_of(borrow).id} handed to tid {TID} as fd 7" in caplog.text
+    assert f"sma#{sma_of(borrow).id} handed to tid {TID} as fd 7" in caplog.text
     # The SMA lives on behind its file.
     assert up.device.engine.smas == {sma_of(borrow).id: sma_of(borrow)}
     req = ioctl(sma_fh, abi.KSM_REMOVE_MEMORY_REGION)
@@ -224,7 +206,7 @@ def test_a_successful_hand_out(up, caplog):
 
 
 def test_a_hand_out_that_fails_before_the_reply_fails_the_ioctl(up, caplog):
-    borrow = create(up, open_fh(up))
+    borrow = create(up, open_fh(up, TID))
     reply = up.borrow_failed(borrow, errno.EBUSY, "thread 4321 is already being traced")
     assert reply == p.reply_ioctl(borrow.request.unique, -errno.EBUSY)
     assert up.borrows == {} and up.device.engine.smas == {}
@@ -234,14 +216,14 @@ def test_a_hand_out_that_fails_before_the_reply_fails_the_ioctl(up, caplog):
         f"KSM_CREATE_SHARED_MEMORY_AREA from tid {TID} failed (EBUSY): thread 4321 is already being traced"
     )
     # The thread is free again: its next open is a plain one.
-    assert isinstance(up.device.files[open_fh(up)], DeviceFile)
+    assert isinstance(up.device.files[open_fh(up, TID)], DeviceFile)
 
 
 def test_a_hand_out_that_fails_after_the_reply_is_not_answered_twice(up, caplog):
     caplog.set_level(logging.INFO)
-    borrow = create(up, open_fh(up))
+    borrow = create(up, open_fh(up, TID))
     up.complete_ioctl(borrow)
-    sma_fh = open_fh(up)  # the open came before the thread was killed
+    sma_fh = open_fh(up, TID)  # the open came before the thread was killed
     assert up.borrow_failed(borrow, errno.ESRCH, "thread 4321 was killed by SIGKILL") is None
     assert up.borrows == {} and up.device.engine.smas == {}
     (record,) = [r for r in caplog.records if r.name == "cuse_ksm.session"]
@@ -252,9 +234,9 @@ def test_a_hand_out_that_fails_after_the_reply_is_not_answered_twice(up, caplog)
 
 
 def test_a_cancelled_hand_out_fails_with_eintr_unless_already_answered(up, caplog):
-    first = create(up, open_fh(up))
+    first = create(up, open_fh(up, TID))
     assert up.borrow_cancelled(first) == p.reply_ioctl(first.request.unique, -errno.EINTR)
-    second = create(up, open_fh(up))
+    second = create(up, open_fh(up, TID))
     up.complete_ioctl(second)
     assert up.borrow_cancelled(second) is None
     assert up.borrows == {} and up.device.engine.smas == {}
@@ -262,11 +244,11 @@ def test_a_cancelled_hand_out_fails_with_eintr_unless_already_answered(up, caplo
 
 
 def test_hand_outs_to_two_threads_are_kept_apart(up):
-    fh = open_fh(up)
+    fh = open_fh(up, TID)
     a, b = create(up, fh, pid=11), create(up, fh, pid=12)
     assert up.borrows == {11: a, 12: b}
-    fh_b = open_fh(up, pid=12)
-    fh_a = open_fh(up, pid=11)
+    fh_b = open_fh(up, 12)
+    fh_a = open_fh(up, 11)
     assert up.device.files[fh_a].sma is sma_of(a) and up.device.files[fh_b].sma is sma_of(b)
     up.borrow_failed(a, errno.ETIMEDOUT, "too slow")
     assert up.borrows == {12: b}

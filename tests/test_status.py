@@ -82,13 +82,52 @@ def test_kernel_mode_shows_what_is_really_shared(tmp_path: Path) -> None:
     assert lines[-1].split() == ["1234", "2", "520", "512", "2.00", "16384"]
 
 
+EMULATOR_MEMORY = (
+    "rmap_chunks 2400000\nunstable_table 3000000\nstable_pages 10000\nslots 600\nread_buffer 548920\n"
+    "metadata 5959520\nshared_copies 8258\nregistered_pages 262144\nrmap_items 262144\n"
+    "metadata_per_page 20.6\nmetadata_per_rmap_item 20.6\nemulator_profit -3870560\n"
+)
+
+
+def test_profit_lines_say_would_and_charge_the_emulators_real_cost(tmp_path: Path) -> None:
+    # 510 pages saved, 520 rmap items: 510 * 4096 - 520 * 64 = 2055680 bytes.
+    directory = fake_dir(tmp_path, {**VALUES, "general_profit": 2055680})
+    (directory / "emulator_memory").write_text(EMULATOR_MEMORY)
+    lines = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert (
+        "profit, today's kernel's formula: would be 1.96 MiB "
+        "(general_profit: 510 pages saved less 64 B for each of 520 rmap items)"
+    ) in lines
+    assert (
+        "profit, the emulator's real cost: would be -3.69 MiB "
+        "(emulator_profit: 510 pages saved less 5.68 MiB of metadata, 20.6 B per registered page; see emulator_memory)"
+    ) in lines
+    # A loss reads as one: the file's minus sign is kept.
+    (directory / "general_profit").write_text("-16640\n")
+    lines = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert any(line.startswith("profit, today's kernel's formula: would be -0.02 MiB") for line in lines)
+    assert any("less 64 B for each of 32900 rmap items" in line for line in lines)
+
+
+def test_the_hosts_general_profit_where_it_has_one(tmp_path: Path) -> None:
+    host = {"host_pages_shared": 4, "host_pages_sharing": 16380, "host_ksm_merging_pages": 16384}
+    directory = fake_dir(tmp_path, {**VALUES, **host})
+    lines = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert not any("host-wide profit" in line for line in lines)  # a 6.1 host: no such file
+    (directory / "host_general_profit").write_text("-1048576\n")
+    lines = status.render(status.read_snapshot(str(directory))).splitlines()
+    assert "  host-wide profit: -1.00 MiB (the host's general_profit)" in lines
+
+
 def test_a_kernels_own_directory_shows_real_savings(tmp_path: Path) -> None:
     """``--dir /sys/kernel/mm/ksm``: no processes/, and its counters are real sharing."""
     for name, value in VALUES.items():
         (tmp_path / name).write_text(f"{value}\n")
+    (tmp_path / "general_profit").write_text("2055680\n")
     lines = status.render(status.read_snapshot(str(tmp_path))).splitlines()
     assert "saved: 1.99 MiB (510 pages: pages_sharing)" in lines
-    assert not any(line.startswith(("would", "no memory")) for line in lines)
+    assert "profit: 1.96 MiB (general_profit)" in lines
+    assert not any(line.startswith(("would", "no memory")) or "would be" in line for line in lines)
 
 
 def test_scanner_states(tmp_path: Path) -> None:
@@ -174,5 +213,11 @@ async def test_status_of_a_live_mount(nursery: trio.Nursery) -> None:
         result = await run(sys.executable, "-m", "cuse_ksm", "status", "--dir", path)
         assert result.returncode == 0, result.stderr
         assert "would save: 0.25 MiB (63 pages: pages_sharing)" in result.stdout
+        # 63 pages saved, 64 rmap items: 63 * 4096 - 64 * 64 bytes, 0.24 MiB.
+        assert (
+            "profit, today's kernel's formula: would be 0.24 MiB "
+            "(general_profit: 63 pages saved less 64 B for each of 64 rmap items)"
+        ) in result.stdout.splitlines()
+        assert "profit, the emulator's real cost: would be " in result.stdout
         assert result.stdout.splitlines()[-1].split() == ["777", "1", "64", "64", "0.25"]
         nursery.cancel_scope.cancel()

@@ -49,7 +49,11 @@ class Caller:
             if not flags & p.FUSE_IOCTL_RETRY:
                 return out
             assert (in_data, out_size) == (b"", 0), "asked to retry twice"
-            in_data, out_size = data[: abi.STRUCT_SIZE * n_in], abi.STRUCT_SIZE * n_out
+            # The ranges the session named: copy in (then out) exactly as many bytes as each asks.
+            offset = p.OUT_HEADER.size + p.IOCTL_OUT.size
+            lengths = [p.IOCTL_IOVEC.unpack_from(out, offset + i * p.IOCTL_IOVEC.size)[1] for i in range(n_in + n_out)]
+            in_data = data[: sum(lengths[:n_in])]
+            out_size = sum(lengths[n_in:])
 
     def create(self, fh: int) -> Borrow:
         """CREATE_SHARED_MEMORY_AREA: its one output is the hand-out's borrow, for the test to end."""
@@ -89,13 +93,13 @@ def test_device_calls_are_decoded(traced, caplog):
     lines = trace_lines(caplog)
     expected = [
         r"trace: pid 321 /nonexistent/ksmtest KSM_GET_API_VERSION 0 = 1",
-        r"trace: pid 321 /nonexistent/ksmtest KSM_START_STOP_KTHREAD "
+        r"trace: pid 321 /nonexistent/ksmtest KSM_START_STOP_KTHREAD\[2009-03\] "
         r"\{sleep=200, pages_to_scan=64, flags=0x1, pad=0xcccc, reserved_bits=0\} = 0",
         # copied out: the struct as the caller receives it
-        r"trace: pid 321 /nonexistent/ksmtest KSM_GET_INFO_KTHREAD "
+        r"trace: pid 321 /nonexistent/ksmtest KSM_GET_INFO_KTHREAD\[2009-03\] "
         r"\{sleep=200, pages_to_scan=64, flags=0x1, pad=0, reserved_bits=0\} = 0",
         # the +1 quirk, shown as the caller sees it: success with value 1
-        r"trace: pid 321 /nonexistent/ksmtest KSM_START_STOP_KTHREAD "
+        r"trace: pid 321 /nonexistent/ksmtest KSM_START_STOP_KTHREAD\[2009-03\] "
         r"\{sleep=1, pages_to_scan=0, flags=0x1, pad=0, reserved_bits=0\} = 1",
         r"trace: pid 321 /nonexistent/ksmtest 0xab7f 0x1234 = -1 EINVAL \(Invalid argument\)",
         rf"trace: pid 321 fh#{fh + 100} KSM_GET_API_VERSION 0 = -1 EBADF \(Bad file descriptor\)",
@@ -121,7 +125,7 @@ def test_sma_calls_name_the_sma(traced, caplog):
     lines = trace_lines(caplog)
     n = sma_of(borrow).id
     expected = [
-        rf"trace: pid {pid} sma#{n} KSM_REGISTER_MEMORY_REGION "
+        rf"trace: pid {pid} sma#{n} KSM_REGISTER_MEMORY_REGION\[2009-03\] "
         rf"\{{npages=2, pad=0xcccccccc, addr={id(buf):#x}, reserved_bits=0xdead\}} = 0",
         rf"trace: pid {pid} sma#{n} KSM_GET_API_VERSION 0x7fff0000 = 22",  # the +22 quirk
         rf"trace: pid {pid} sma#{n} KSM_REMOVE_MEMORY_REGION 0 = 0",

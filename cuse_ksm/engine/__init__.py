@@ -7,14 +7,17 @@ never waits.  The trio task that runs the scanner is cuse_ksm/kksmd.py.
 - ``trees``: the stable and unstable trees and the reverse-map items;
 - ``registry``: SMAs, slots and the address spaces they pin;
 - ``scanner``: the scan cursor and the per-page algorithm;
-- ``counters``: the scanner's running counts and the counters they mean;
+- ``counters``: the scanner's running counts, the counters they mean and
+  today's kernel's profit formulas;
+- ``memory``: what the engine itself spends on memory;
 - ``pages``: each page's state as the scanner last saw it (``cuse-ksm pages``);
 - ``core``: :class:`Engine`, the face the device and control files use;
 - ``check``: a full consistency walk, for tests.
 """
 
 from cuse_ksm.engine.core import Engine
-from cuse_ksm.engine.counters import Counters
+from cuse_ksm.engine.counters import Counters, ProcessStat
+from cuse_ksm.engine.memory import EngineMemory
 from cuse_ksm.engine.pages import STATE_NAMES, PageSurvey, Run
 from cuse_ksm.engine.registry import AddressSpace, Slot, Sma
 from cuse_ksm.engine.trees import KsmPage, RmapChunk, RmapItem, StableTree, UnstableTree
@@ -24,8 +27,10 @@ __all__ = [
     "AddressSpace",
     "Counters",
     "Engine",
+    "EngineMemory",
     "KsmPage",
     "PageSurvey",
+    "ProcessStat",
     "RmapChunk",
     "RmapItem",
     "Run",

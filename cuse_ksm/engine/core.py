@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cuse_ksm.abi import KSM_CONTROL_FLAGS_RUN, KthreadInfo
-from cuse_ksm.engine.counters import Counters
+from cuse_ksm.engine.counters import Counters, ProcessStat
+from cuse_ksm.engine.memory import EngineMemory, measure
 from cuse_ksm.engine.pages import PageSurvey
 from cuse_ksm.engine.registry import AddressSpace, Registry, Slot, Sma
 from cuse_ksm.engine.scanner import Scanner
@@ -129,6 +130,19 @@ class Engine:
         for slot in self.registry.slots:
             out[slot.space.tgid] = out.get(slot.space.tgid, 0) + slot.pages_merged
         return out
+
+    def process_stat(self, tgid: int) -> ProcessStat:
+        """The /proc/PID/ksm_stat figures of process ``tgid``, over every region it registered."""
+        items = merging = 0
+        for slot in self.registry.slots:
+            if slot.space.tgid == tgid:
+                items += self.scanner.rmap_items(slot)
+                merging += slot.pages_merged
+        return ProcessStat(rmap_items=items, merging_pages=merging)
+
+    def memory(self) -> EngineMemory:
+        """What the engine spends on memory, part by part, and its profit net of that (engine/memory.py)."""
+        return measure(self.scanner)
 
     def rmap_item(self, slot: Slot, index: int) -> RmapItem:
         """The reverse-map item of page ``index`` of ``slot`` (a view, for inspection)."""

@@ -68,9 +68,9 @@ _ZERO_WORDS = bytes(8 * CHUNK_PAGES)
 _ZERO_STATES = bytes(CHUNK_PAGES)
 
 
-def count_items(state: array[int]) -> int:
-    """How many pages of a chunk's ``state`` have a reverse-map item."""
-    return CHUNK_PAGES - sum(state.count(s) for s in NO_ITEM_STATES)
+def count_items(states: array[int] | bytes) -> int:
+    """How many of the pages whose ``states`` these are (one chunk's, or several joined) have a reverse-map item."""
+    return len(states) - sum(states.count(s) for s in NO_ITEM_STATES)
 
 
 class RmapChunk:

@@ -155,6 +155,13 @@ class HostKsm:
         """The counters now."""
         return HostCounters(**{field.name: self.read(field.name) for field in fields(HostCounters)})
 
+    def general_profit(self) -> int | None:
+        """The kernel's general_profit in bytes (signed), or None on kernels before 6.4, which have none."""
+        try:
+            return self.read("general_profit")
+        except FileNotFoundError:
+            return None
+
     def _change(self, name: str, value: int) -> None:
         """Write a knob for our caller: saved first if nothing was, and restore() will put it back."""
         if not self._saved:
@@ -186,6 +193,16 @@ def merging_pages(tgid: int) -> int | None:
     text = procfs.read(tgid, "ksm_merging_pages")
     # A zombie's file is empty: its memory, and with it any merging, is gone.
     return int(text) if text else None
+
+
+def ksm_stat(tgid: int) -> str | None:
+    """The text of /proc/PID/ksm_stat; None when the process is gone or the kernel (before 6.1) has none.
+
+    Its lines grew with the kernel (6.1: ksm_rmap_items only; later
+    ksm_merging_pages, ksm_process_profit, ksm_zero_pages, ksm_merge_any,
+    ksm_mergeable): passed on as the host wrote it.
+    """
+    return procfs.read(tgid, "ksm_stat")
 
 
 def mergeable_pages(tgid: int, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:

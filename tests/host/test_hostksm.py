@@ -22,6 +22,7 @@ from cuse_ksm.host.hostksm import (
     HostCounters,
     HostKsm,
     NoHostKsm,
+    ksm_stat,
     mergeable_pages,
     merging_pages,
     sleep_millisecs,
@@ -163,6 +164,13 @@ def test_counters(tmp_path: Path) -> None:
     assert HostKsm(str(fake_ksm(tmp_path / "ksm"))).counters() == HostCounters(**COUNTERS)
 
 
+def test_general_profit_is_none_on_a_kernel_without_it(tmp_path: Path) -> None:
+    host = HostKsm(str(fake_ksm(tmp_path / "ksm")))
+    assert host.general_profit() is None  # before 6.4, as the VM's 6.1
+    (tmp_path / "ksm" / "general_profit").write_text("-1048576\n")  # signed: items may cost more than merging saves
+    assert host.general_profit() == -1048576
+
+
 # -- HostKsm.open ------------------------------------------------------------------------------
 
 
@@ -269,6 +277,15 @@ def test_merging_pages_of_a_process_until_it_is_gone(child: Child) -> None:
     child.kill()
     assert merging_pages(child.pid) is None
     assert merging_pages(2**22 + 1) is None  # above PID_MAX_LIMIT: never a process
+
+
+def test_ksm_stat_of_a_process_as_the_host_kernel_writes_it(child: Child) -> None:
+    if not os.path.exists("/proc/self/ksm_stat"):
+        assert ksm_stat(child.pid) is None  # a kernel before 6.1
+    else:
+        text = ksm_stat(child.pid)
+        assert text is not None and text.startswith("ksm_rmap_items ")
+    assert ksm_stat(2**22 + 1) is None  # above PID_MAX_LIMIT: never a process
 
 
 # -- the real /sys/kernel/mm/ksm -------------------------------------------------------------

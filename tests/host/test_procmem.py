@@ -29,8 +29,6 @@ def children() -> Iterator[list[Child]]:
         child.kill()
 
 
-
-
 def spawn(children: list[Child], npages: int) -> Child:
     child = Child.start(npages)
     children.append(child)

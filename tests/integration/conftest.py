@@ -100,18 +100,46 @@ def write(name: str, data: str, directory: Path = STATS) -> int:
     return 0
 
 
-def keep_sample(name: str, text: str) -> None:
-    """Save real output next to the VM logs (tests/vm/out), where the README's samples come from."""
-    out = ROOT / "tests" / "vm" / "out"
-    if out.is_dir():
-        (out / name).write_text(text)
-
-
 def run_c(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     exe = C_BIN / name
     if not exe.exists():
         subprocess.run(["make", "-s", "-C", str(ROOT / "tests" / "c")], check=True)
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def keep_sample(name: str, text: str) -> None:
+    """Save real output next to the VM logs (tests/vm/out), where the README's samples come from."""
+    if VM_OUT.is_dir():
+        (VM_OUT / name).write_text(text)
+
+
+@contextmanager
+def ready_program(name: str, *args: str) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """A program of tests/c that prints "ready <pid> <addr>" and then waits until its stdin is closed.
+
+    Yields the process, and the pid and address it printed.  Closing its
+    stdin (the test may do it first) lets it close its fds and exit; it is
+    killed if it has not within 30 s.
+    """
+    run_c("ksm_abi_sequence")  # builds tests/c if needed
+    proc = subprocess.Popen([str(C_BIN / name), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if line.startswith("ready "):
+            break
+    words = out.splitlines()[-1].split() if out else []
+    try:
+        assert len(words) == 3 and words[0] == "ready", f"{name} did not get ready: {out}"
+        yield proc, int(words[1]), int(words[2], 16)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # -- a second daemon ------------------------------------------------------------------------

@@ -16,12 +16,11 @@ import pytest
 from pyksm import Ksm
 
 from tests.integration.conftest import (
-    C_BIN,
     DEVICE,
     ROOT,
     STATS,
     keep_sample,
-    run_c,
+    ready_program,
     start_daemon,
     stop_daemon,
     value,
@@ -58,30 +57,8 @@ def kthread_restored() -> Iterator[None]:
 @pytest.fixture
 def merger(kthread_restored) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     """tests/c/ksm_merge_wait: NPAGES identical pages, registered, scanner started by ioctl; waits on stdin."""
-    run_c("ksm_abi_sequence")  # builds tests/c if needed
-    proc = subprocess.Popen(
-        [str(C_BIN / "ksm_merge_wait"), str(NPAGES), "256", "20000"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdin is not None
-    out = ""
-    for line in proc.stdout:
-        out += line
-        if line.startswith("ready "):
-            break
-    m = re.search(r"^ready (\d+) (0x[0-9a-f]+)$", out, re.M)
-    assert m, f"ksm_merge_wait did not get ready: {out}"
-    try:
-        yield proc, int(m.group(1)), int(m.group(2), 16)
-    finally:
-        proc.stdin.close()  # lets it close its SMA and exit
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with ready_program("ksm_merge_wait", str(NPAGES), "256", "20000") as started:
+        yield started
 
 
 def test_the_mount_is_there():
@@ -101,6 +78,8 @@ def test_the_mount_is_there():
             "pages_volatile",
             "full_scans",
             "pages_scanned",
+            "general_profit",
+            "emulator_memory",
             "processes",
         ]
     )
@@ -133,6 +112,19 @@ def test_pages_sharing_reaches_n_minus_one_for_identical_pages(merger):
     lines = (procdir / "regions").read_text().splitlines()
     assert lines[0] == "sma addr npages merged"
     assert lines[1].split()[1:] == [f"{addr:#x}", str(NPAGES), str(NPAGES)]
+    # Today's profit figures: every page seen (64 rmap items), all merged into one.
+    assert (procdir / "ksm_stat").read_text() == (
+        f"ksm_rmap_items {NPAGES}\n"
+        "ksm_zero_pages 0\n"
+        f"ksm_merging_pages {NPAGES}\n"
+        f"ksm_process_profit {NPAGES * 4096 - NPAGES * 64}\n"
+        "ksm_merge_any: no\n"
+        "ksm_mergeable: yes\n"
+    )
+    assert (STATS / "general_profit").read_text() == f"{(NPAGES - 1) * 4096 - NPAGES * 64}\n"
+    memory = dict(line.split() for line in (STATS / "emulator_memory").read_text().splitlines())
+    assert (memory["registered_pages"], memory["rmap_items"]) == (str(NPAGES), str(NPAGES))
+    assert int(memory["emulator_profit"]) == (NPAGES - 1) * 4096 - int(memory["metadata"])
 
     # cuse-ksm status reads the same.
     status = subprocess.run(
@@ -143,6 +135,11 @@ def test_pages_sharing_reaches_n_minus_one_for_identical_pages(merger):
     out = status.stdout.splitlines()
     assert "scanner: running (256 pages every 20000 us), max_kernel_pages unlimited" in out
     assert f"would save: 0.25 MiB ({NPAGES - 1} pages: pages_sharing)" in out
+    assert (
+        "profit, today's kernel's formula: would be 0.24 MiB "
+        f"(general_profit: {NPAGES - 1} pages saved less 64 B for each of {NPAGES} rmap items)"
+    ) in out
+    assert any(line.startswith("profit, the emulator's real cost: would be ") for line in out)
     assert out[-1].split() == [str(pid), "1", str(NPAGES), str(NPAGES), "0.25"]
 
     # The process exits: its SMA's release drops the region, and the figures follow.
@@ -204,7 +201,7 @@ def test_second_daemon_mounts_its_own_dir_traces_and_unmounts():
     assert len(lines) == 3, err
     assert re.search(rf"trace: pid {me} /dev/{name} KSM_GET_API_VERSION 0 = 1 <[\d.]+ ms>$", lines[0]), lines
     assert re.search(
-        rf"trace: pid {me} /dev/{name} KSM_START_STOP_KTHREAD "
+        rf"trace: pid {me} /dev/{name} KSM_START_STOP_KTHREAD\[2009-03\] "
         r"\{sleep=9, pages_to_scan=0, flags=0x1, pad=0, reserved_bits=0\} = 1 <",
         lines[1],
     ), lines

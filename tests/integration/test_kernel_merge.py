@@ -241,6 +241,13 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
         # The control files tell the kernel's figures as the kernel does.
         assert int((kd.stats / "processes" / str(m.pid) / "host_ksm_merging_pages").read_text()) == merging(m.pid)
         assert int((kd.stats / "host_pages_sharing").read_text()) == sys_int("pages_sharing")
+        # The host's profit files exist where the VM's kernel has them (6.1: ksm_stat, no general_profit).
+        assert (kd.stats / "host_general_profit").exists() == os.path.exists("/sys/kernel/mm/ksm/general_profit")
+        host_stat = kd.stats / "processes" / str(m.pid) / "host_ksm_stat"
+        assert host_stat.exists() == os.path.exists(f"/proc/{m.pid}/ksm_stat")
+        if host_stat.exists():
+            names = lambda text: [line.split()[0] for line in text.splitlines()]  # noqa: E731
+            assert names(host_stat.read_text()) == names(Path(f"/proc/{m.pid}/ksm_stat").read_text())
         # Without --cross-check the emulated scanner stands still while ksmd merges.
         assert [(kd.stats / f).read_text() for f in ("cross_check", "pages_scanned", "pages_sharing")] == ["0\n"] * 3
         figures = (
@@ -334,7 +341,9 @@ def test_register_of_an_unmapped_range_is_logged_and_shown(kd: KernelDaemon) -> 
         addr = int(c("reg 8 0x61").split()[1], 16)
         assert c("unmap") == "ok"
         assert c("again") == "ok"  # the 2009 driver returned 0: so does kernel mode
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {c.pid}: madvise({addr:#x}, 0x8000) failed")
+        line = wait_for_log(
+            kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {c.pid}: madvise({addr:#x}, 0x8000) failed"
+        )
         assert "WARNING" in line and "ENOMEM" in line and "not mapped" in line, line
         mapped, unmapped = regions(kd, c.pid)
         assert mapped[4:] == ["ok", "0"], mapped  # advised, then unmapped: nothing left to merge
@@ -346,7 +355,7 @@ def test_register_of_a_shared_mapping_is_logged_and_shown(kd: KernelDaemon) -> N
     with Client(kd.device) as c:
         assert c("sma").startswith("ok ")
         assert c("shared 8 0x62").startswith("ok ")
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {c.pid}: only 0 of the region's 8 pages")
+        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {c.pid}: only 0 of the region's 8 pages")
         assert "WARNING" in line and "(8 mapped)" in line and "shared" in line, line
         (row,) = regions(kd, c.pid)
         assert row[4:] == ["ok", "0"], row  # madvise said 0, and the kernel ignores it
@@ -369,7 +378,7 @@ def test_register_from_a_traced_caller_is_logged_and_shown(kd: KernelDaemon) -> 
             assert lines[-1], "".join(lines)
         tracer = int(next(line for line in lines if line.startswith("tracer ")).split()[1])
         child = int(next(line for line in lines if line.startswith("registered ")).split()[1])
-        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION from tid {child}: madvise(")
+        line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {child}: madvise(")
         assert "WARNING" in line and "failed with EBUSY" in line, line
         assert f"thread {child} is already being traced by pid {tracer}" in line, line
         (row,) = regions(kd, child)

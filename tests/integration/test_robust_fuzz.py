@@ -48,6 +48,9 @@ KNOWN = [
     pyksm.KSM_REGISTER_MEMORY_REGION,
     pyksm.KSM_REMOVE_MEMORY_REGION,
 ]
+# The January 2009 ABI's own numbers (include/linux/ksm-2009-01.h), answered by the same device.
+CREATE_SCAN, JAN_START_STOP, JAN_GET_INFO, JAN_REGISTER, SCAN = 0xAB02, 0x400CAB03, 0x400CAB04, 0x4010AB20, 0x4008AB40
+KNOWN += [CREATE_SCAN, JAN_START_STOP, JAN_GET_INFO, JAN_REGISTER, SCAN]
 # ioctl types the VFS answers itself for any file (do_vfs_ioctl: FIOCLEX,
 # FIONBIO... 'T', FS_IOC_* 'f', FIFREEZE 'X', FICLONE 0x94, FIBMAP/FIGETBSZ
 # type 0): those never reach the device, so the model does not apply.
@@ -183,6 +186,13 @@ def check_sma(fd: int) -> None:
     assert libc.ioctl(fd, pyksm.KSM_GET_API_VERSION, None) == 22
 
 
+def check_scan(fd: int) -> None:
+    """``fd`` is an open of the device that answers as a January scan fd (+22 to anything)."""
+    assert os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(DEVICE)
+    assert libc.ioctl(fd, pyksm.KSM_GET_API_VERSION, None) == 22
+    assert libc.ioctl(fd, SCAN, None) == 22
+
+
 def create(dev: int, ptr: int | None) -> int:
     """CREATE_SHARED_MEMORY_AREA: exactly the fd an open() would have got, bound to a new SMA."""
     lowest = lowest_free_fd()
@@ -229,7 +239,12 @@ def run_example(ops: list[Op], mem: Memory) -> None:
                         check_sma(got)
                         fds.append((got, "sma"))
                         continue
-                    elif cmd == pyksm.KSM_START_STOP_KTHREAD:
+                    elif cmd == CREATE_SCAN:
+                        assert got == lowest, (ptr_kind, outcome, lowest)
+                        check_scan(got)
+                        fds.append((got, "scan"))
+                        continue
+                    elif cmd in (pyksm.KSM_START_STOP_KTHREAD, JAN_START_STOP):
                         if not readable:
                             want = (-1, errno.EFAULT)
                         else:
@@ -239,15 +254,19 @@ def run_example(ops: list[Op], mem: Memory) -> None:
                             else:
                                 want = (0, 0)
                                 model[:] = [sleep, pages, flags]
-                    elif cmd == pyksm.KSM_GET_INFO_KTHREAD:
+                    elif cmd in (pyksm.KSM_GET_INFO_KTHREAD, JAN_GET_INFO):
                         want = (0, 0) if writable else (-1, errno.EFAULT)
                         if writable:
-                            got_info = ctypes.string_at(ptr, 12)
-                            assert got_info == b"".join(v.to_bytes(4, "little") for v in model)
+                            got_info = ctypes.string_at(ptr, 24)
+                            # March copies out 24 bytes (pad and reserved_bits 0), January 12: the rest is untouched.
+                            rest = bytes(12) if cmd == pyksm.KSM_GET_INFO_KTHREAD else data[12:24]
+                            assert got_info == b"".join(v.to_bytes(4, "little") for v in model) + rest
                     else:
                         want = (-1, errno.EINVAL)
+                elif what == "scan":
+                    want = (22, 0)  # January's scan fd: every command, whatever the pointer (KSM_SCAN included)
                 else:
-                    if cmd == pyksm.KSM_REGISTER_MEMORY_REGION:
+                    if cmd in (pyksm.KSM_REGISTER_MEMORY_REGION, JAN_REGISTER):
                         want = (0, 0) if readable else (-1, errno.EFAULT)
                     elif cmd == pyksm.KSM_REMOVE_MEMORY_REGION:
                         want = (0, 0)
