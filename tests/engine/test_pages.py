@@ -8,6 +8,8 @@ counts every item in no tree and not merged).
 
 from __future__ import annotations
 
+import sys
+
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import STATE_NAMES, Engine, PageSurvey, Run, Slot
 from cuse_ksm.engine.check import check_engine
@@ -160,3 +162,15 @@ def test_the_survey_yields_once_per_chunk_or_gap() -> None:
     big = lone.register(lone.new_sma(), s, A, 1 << 30)
     assert sum(1 for _ in lone.survey(big).steps()) == 0  # never scanned: one gap, no chunk
     assert lone.survey(big).run().counts[NOT_SCANNED] == 1 << 30
+
+
+def test_the_profit_figures_count_items_not_pages_without_one() -> None:
+    """ksm_rmap_items and the engine's memory know the states with no item (zero, unreadable, written)."""
+    engine, _, slot = mixed()
+    assert engine.process_stat(77).rmap_items == 28 == engine.counters().rmap_items  # 11 + 10 + 5 + 1 + 1
+    # The chunk of page 300 (a zero page alone) has no checksum column, and is charged none.
+    full = sys.getsizeof(slot.chunks[0].word)
+    empty = sys.getsizeof(slot.chunks[300 >> CHUNK_SHIFT].word)
+    charged = engine.memory().rmap
+    slot.chunks[300 >> CHUNK_SHIFT].hold_items()
+    assert engine.memory().rmap - charged == full - empty > 0
