@@ -5,10 +5,10 @@ its tid names it without ambiguity.  We open, in this order:
 
 1. a pidfd of its thread group: it names the process, not a number, and
    polls readable once the process has exited;
-2. ``/proc/<tid>/pagemap`` and ``/proc/<tid>/mem``: opening each takes a
-   reference on the process's ``mm_struct`` (``proc_mem_open``), and reads
-   through these fds see that mm or nothing - never another process's
-   memory, even after pid reuse or exec.
+2. ``/proc/<tid>/pagemap``, ``/proc/<tid>/mem`` and ``/proc/<tid>/maps``:
+   opening each takes a reference on the process's ``mm_struct``
+   (``proc_mem_open``), and reads through these fds see that mm or nothing -
+   never another process's memory, even after pid reuse or exec.
 
 Then we check the pidfd once more: if the process died between the opens,
 the fds might belong to a successor with the same pid, so we refuse.  From
@@ -16,6 +16,11 @@ then on the fds, not the pid, identify the memory.
 
 Reading (the scanner's side)
 ----------------------------
+
+Before a pass enters a region, the scanner asks which parts of it are
+mapped (:meth:`ProcessMemory.mapped`): one read of the pinned maps fd, so
+that holes - addresses in no mapping - are passed over without a pagemap
+read, as today's kernel walks VMAs.
 
 For each batch the scanner asks for, we first read the batch's pagemap
 entries through the pinned fd.  Only pages whose "present" bit is set are
@@ -132,6 +137,8 @@ def _address_of(buf: mmap.mmap) -> int:
 
 
 _page_buf = mmap.mmap(-1, PAGE_SIZE)
+# One pread of a maps file: about 2000 mappings' lines; more take another.
+_MAPS_READ = 1 << 18
 
 
 def pidfd_exited(pidfd: int) -> bool:
@@ -150,6 +157,7 @@ class ProcessMemory:
     pidfd: int
     pagemap_fd: int
     mem_fd: int
+    maps_fd: int
     closed: bool = field(default=False)
 
     @classmethod
@@ -165,7 +173,7 @@ class ProcessMemory:
             raise ProcessLookupError(f"thread {tid} is gone") from e
         fds = [pidfd]
         try:
-            for name in ("pagemap", "mem"):
+            for name in ("pagemap", "mem", "maps"):
                 fds.append(os.open(f"/proc/{tid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
         except (FileNotFoundError, ProcessLookupError) as e:
             for fd in fds:
@@ -175,7 +183,7 @@ class ProcessMemory:
             for fd in fds:
                 os.close(fd)
             raise
-        space = cls(tgid, tid, pidfd, fds[1], fds[2])
+        space = cls(tgid, tid, pidfd, fds[1], fds[2], fds[3])
         if pidfd_exited(pidfd):
             space.close()
             raise ProcessLookupError(f"process {tgid} exited while registering")
@@ -274,6 +282,41 @@ class ProcessMemory:
                 break
         return got
 
+    def mapped(self, addr: int, npages: int) -> list[tuple[int, int]] | None:
+        """The parts of [addr, addr + npages pages) inside the process's mappings now, or None once its mm is gone.
+
+        One read of the pinned maps fd (preads from offset 0: stateless,
+        so callers on two threads cannot disturb each other).  A mm with no
+        users left reads as empty; the check then tells that from a
+        process with nothing mapped there.
+        """
+        if self.closed:
+            return None
+        parts = []
+        at = 0
+        while True:
+            try:
+                got = os.pread(self.maps_fd, _MAPS_READ, at)
+            except OSError:
+                if not self.alive():
+                    return None  # the process exited: its maps fd reads ESRCH
+                raise
+            if not got:
+                break
+            parts.append(got)
+            at += len(got)
+        if not parts and not self.alive():
+            return None
+        end = min(addr + npages * PAGE_SIZE, 1 << 64)
+        out = []
+        for low, high in procfs.mappings(b"".join(parts)):
+            if low >= end:  # in address order: none further can overlap
+                break
+            lo, hi = max(low, addr), min(high, end)
+            if lo < hi:
+                out.append((lo, hi))
+        return out
+
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if present (never faulted in), else None."""
         present = self.read_pages(addr, 1, _page_buf)
@@ -287,3 +330,4 @@ class ProcessMemory:
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
             os.close(self.mem_fd)
+            os.close(self.maps_fd)
