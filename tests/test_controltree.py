@@ -179,7 +179,8 @@ def test_tree_lists_values_and_a_directory_per_process() -> None:
     ]
     assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
     sma = e.slots[1].sma.id
-    assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged mapped\n{sma} 0x10000 10 8 10\n".encode()
+    regions = tree.read(at(tree, "processes/100/regions"))
+    assert regions == f"sma addr npages merged mapped\n{sma} 0x10000 10 8 10\n".encode()
     assert tree.read(at(tree, "pages_sharing")) == b"15\n"
     assert tree.path("processes/999") is None and tree.path("nothing") is None
     # REMOVE: the directory goes with the process's last region.
