@@ -13,6 +13,7 @@ import pytest
 from cuse_ksm.abi import PAGE_SIZE, PAGE_ZERO
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
+from cuse_ksm.host import procmem
 from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.conftest import needs_root
 from tests.engine.fakes import full_scans
@@ -236,7 +237,11 @@ def test_exit_unmap_and_remove_mid_scan(children: list[Child]) -> None:
     assert engine.errors == 0
 
 
-def test_mapped_reads_the_mappings_through_the_pinned_maps_fd(children: list[Child]) -> None:
+@pytest.mark.parametrize("query", [True, False], ids=["PROCMAP_QUERY", "text"])
+def test_mapped_reads_the_mappings_through_the_pinned_maps_fd(
+    children: list[Child], query: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(procmem, "_procmap_query", query)  # the text: kernels before 6.11, as the VM's 6.1
     child = spawn(children, 64)
     child.fill(0, 64, 1)
     with closing(ProcessMemory.open(child.pid)) as space:
