@@ -11,6 +11,10 @@ Figures, each section ending with its ratio line:
 3. The engine's own memory per registered page (tracemalloc + its table
    mapping), against the kernel's 64-byte reverse-map item.
 4. ioctl latency while the scanner runs at full speed, against idle.
+5. Section 1's time to full merge while ``processes/PID/pages`` (what
+   ``cuse-ksm pages PID`` reads) or ``page_runs`` (``-v``) is read in a
+   loop, built in the scanner's own trio loop as the daemon builds it,
+   against no reader.
 
 The last line printed is section 1's: the 1 GiB ratio emulator/kernel
 (time to full merge).  A short run of every section (as ``make test``
@@ -77,10 +81,12 @@ def wait_quiet(max_wait: float) -> bool:
         time.sleep(2)
 
 
-def _emulator_merge(size: int, *, scanned_pages: int | None = None, layout: str = "dup50") -> emulator.EmulatorRun:
+def _emulator_merge(
+    size: int, *, scanned_pages: int | None = None, layout: str = "dup50", reader: str | None = None
+) -> emulator.EmulatorRun:
     w = workload.start(layout, size)
     try:
-        return emulator.measure(w, pages_to_scan=PAGES_TO_SCAN, scanned_pages=scanned_pages)
+        return emulator.measure(w, pages_to_scan=PAGES_TO_SCAN, scanned_pages=scanned_pages, reader=reader)
     finally:
         w.stop()
 
@@ -112,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=1024, help="registered memory per workload (default 1024)")
     p.add_argument("--repeat", type=int, default=3, help="runs of the 50 %% duplicate timing, each side (default 3)")
     p.add_argument("--no-kernel", action="store_true", help="skip the host kernel's KSM")
-    p.add_argument("--skip", action="append", default=[], choices=["worst", "memory", "latency"], help="skip a section")
+    p.add_argument(
+        "--skip", action="append", default=[], choices=["worst", "memory", "latency", "pages"], help="skip a section"
+    )
     p.add_argument("--latency-seconds", type=float, default=3.0, help="length of each latency measurement (default 3)")
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument(
@@ -225,6 +233,24 @@ def main(argv: list[str] | None = None) -> int:
         p99 = {x.label: x.p99_us for x in lat}
         busy, idle = p99["fd round trip, scanner at full speed"], p99["fd round trip, scanner idle"]
         print(_ratio("latency", "busy/idle", busy, idle, "fd round trip p99"))
+
+    # 5. The scanner while `cuse-ksm pages` runs in a loop.
+    if "pages" not in args.skip:
+        print(f"50 % duplicates, {args.size_mib} MiB, time to full merge while `cuse-ksm pages` reads in a loop:")
+        loops: dict[str, list[emulator.EmulatorRun]] = {"alone": [], "pages": [], "pages -v": []}
+        quiet = True
+        for _ in range(args.repeat):
+            for label, reader in (("alone", None), ("pages", "pages"), ("pages -v", "page_runs")):
+                quiet = wait_quiet(args.quiet_wait) and quiet
+                loops[label].append(_emulator_merge(size, reader=reader))
+        med = {label: statistics.median(r.seconds for r in runs) for label, runs in loops.items()}
+        for label, runs in loops.items():
+            reads = sum(r.reads for r in runs)
+            cpu = statistics.median(r.cpu_seconds for r in runs)
+            print(f"  {label:<10} {med[label]:8.3f} s  ({cpu:.3f} CPU s, {reads} reads of the file in all runs)")
+        out["pages"] = {label: [asdict(r) for r in runs] for label, runs in loops.items()}
+        detail = f"`pages` in a loop against none; `pages -v`: {med['pages -v'] / med['alone']:.2f}"
+        print(_ratio("pages", "loop/alone", med["pages"], med["alone"], detail + ("" if quiet else "; machine busy")))
 
     if args.json:
         with open(args.json, "w") as f:

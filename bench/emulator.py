@@ -16,7 +16,7 @@ import trio
 from bench.workload import Workload
 from cuse_ksm import abi, kksmd
 from cuse_ksm.device import Done, Fetch, KsmDevice
-from cuse_ksm.engine import Engine
+from cuse_ksm.engine import Counters, Engine
 from cuse_ksm.host.procmem import ProcessMemory
 
 
@@ -28,16 +28,52 @@ class EmulatorRun:
     pages_shared: int
     pages_sharing: int
     pages_scanned: int
+    reads: int = 0  # reads of the pages file completed meanwhile (measure(reader=...))
 
 
 def _register(engine: Engine, workload: Workload) -> None:
     engine.register(engine.new_sma(), ProcessMemory.open(workload.pid), workload.addr, workload.npages)
 
 
+# How often the reader of measure(reader=...) asks for the file: one
+# `cuse-ksm pages` run every 63 ms is what a shell loop of them managed here
+# (28 runs in 1.77 s; its own CPU is the other core's), so the daemon saw
+# one read of the file every 63 ms.
+READ_EVERY = 0.063
+
+
+async def read_in_a_loop(engine: Engine, pid: int, name: str, reads: list[int]) -> None:
+    """Build ``processes/PID/NAME`` every READ_EVERY s as a FUSE read of it does, counting reads in ``reads``.
+
+    Through controlfs's own ``_contents`` (pieces, checkpoints and the
+    pacing while the scanner runs), in the scanner's trio loop: what the
+    daemon spends on a shell loop of `cuse-ksm pages` (``pages``) or
+    `cuse-ksm pages -v` (``page_runs``), without the FUSE transport.
+    """
+    from cuse_ksm import controlfs, controltree  # pyfuse3: only for this measurement
+
+    tree = controltree.ControlTree(engine)
+    ops = controlfs.ControlOperations(tree)
+    inode = tree.path(f"processes/{pid}/{name}")
+    assert inode is not None
+    while True:
+        await ops.contents(inode)
+        reads[0] += 1
+        await trio.sleep(READ_EVERY)
+
+
 def measure(
-    workload: Workload, *, pages_to_scan: int, scanned_pages: int | None = None, timeout: float = 600
+    workload: Workload,
+    *,
+    pages_to_scan: int,
+    scanned_pages: int | None = None,
+    timeout: float = 600,
+    reader: str | None = None,
 ) -> EmulatorRun:
-    """Time from REGISTER until fully merged (or ``scanned_pages`` scanned), scanner at full speed (sleep 0)."""
+    """Time from REGISTER until fully merged (or ``scanned_pages`` scanned), scanner at full speed (sleep 0).
+
+    ``reader``: meanwhile read ``processes/PID/READER`` in a loop (:func:`read_in_a_loop`).
+    """
 
     async def main() -> EmulatorRun:
         engine = Engine()
@@ -49,25 +85,35 @@ def measure(
             t0 = time.perf_counter()
             _register(engine, workload)
             engine.set_kthread(sleep=0, pages_to_scan=pages_to_scan, flags=abi.KSM_CONTROL_FLAGS_RUN)
-            while True:
-                c = engine.counters()
-                if scanned_pages is not None:
-                    if c.pages_scanned >= scanned_pages:
-                        break
-                elif (c.pages_shared, c.pages_sharing) == want:
-                    break
-                if time.perf_counter() - t0 > timeout:
-                    raise TimeoutError(f"emulator: {c} after {timeout} s")
-                await trio.sleep(0.001)
+            reads = [0]
+            if reader is not None:
+                nursery.start_soon(read_in_a_loop, engine, workload.pid, reader, reads)
+            c = await _until_merged(engine, want, scanned_pages, t0, timeout)
             elapsed = time.perf_counter() - t0
             cpu = time.process_time() - cpu0
             nursery.cancel_scope.cancel()
         assert engine.errors == 0
         for sma in list(engine.smas.values()):
             engine.release_sma(sma)
-        return EmulatorRun(elapsed, cpu, c.full_scans, c.pages_shared, c.pages_sharing, c.pages_scanned)
+        return EmulatorRun(elapsed, cpu, c.full_scans, c.pages_shared, c.pages_sharing, c.pages_scanned, reads[0])
 
     return trio.run(main)
+
+
+async def _until_merged(
+    engine: Engine, want: tuple[int, int], scanned_pages: int | None, t0: float, timeout: float
+) -> Counters:
+    """The counters once fully merged (``want``: pages_shared, pages_sharing), or ``scanned_pages`` scanned."""
+    while True:
+        c = engine.counters()
+        if scanned_pages is not None:
+            if c.pages_scanned >= scanned_pages:
+                return c
+        elif (c.pages_shared, c.pages_sharing) == want:
+            return c
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"emulator: {c} after {timeout} s")
+        await trio.sleep(0.001)
 
 
 @dataclass

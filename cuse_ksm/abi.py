@@ -23,6 +23,14 @@ KSM_CONTROL_FLAGS_RUN = 1  # ksm_control_flags_run: bit 0 of ksm_kthread_info.fl
 
 PAGE_SIZE = 4096
 
+# What a read of a registered process's pages found, one byte per page (the
+# bytes AddressSpace.read_pages returns; host/procmem.py produces them, the
+# scanner consumes them).  Only PAGE_COPIED pages were copied.
+PAGE_ABSENT = 0  # not present in RAM: never touched, swapped out, or unmapped
+PAGE_COPIED = 1  # present, and copied into the caller's buffer
+PAGE_ZERO = 2  # maps the kernel's shared zero page (only ever read): no memory of its own
+PAGE_UNREADABLE = 3  # present, but the read of it failed
+
 # Ranges of the header's field types: a value outside them cannot reach the
 # driver through the structs, so the control files refuse it too.
 U32_MAX = (1 << 32) - 1

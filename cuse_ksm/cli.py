@@ -1,7 +1,7 @@
 """Command line: ``cuse-ksm [options]`` runs the daemon in the foreground; ``cuse-ksm status`` reports.
 
 The daemon is the default (no subcommand), so ``python -m cuse_ksm`` and old
-service files keep working; ``status`` is the only subcommand.
+service files keep working; ``status`` and ``pages`` are the subcommands.
 
 This is where the daemon is put together (:func:`run_daemon`), and the only
 place: every other module gets what it works with passed in, so the OS
@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from cuse_ksm import __version__, abi, controltree, kksmd, status, trace
+from cuse_ksm import __version__, abi, controltree, kksmd, pages, status, trace
 from cuse_ksm.daemon import NoCuseError, Server, open_cuse_channel
 from cuse_ksm.device import HostView, KsmDevice
 from cuse_ksm.engine import Engine
@@ -107,13 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="log the scanner's counters every SECONDS (default: 0, never)",
     )
-    sub = p.add_subparsers(dest="command", metavar="{status}", title="subcommand (default: run the daemon)")
+    sub = p.add_subparsers(dest="command", metavar="{status,pages}", title="subcommand (default: run the daemon)")
     st = sub.add_parser(
         "status",
         help="print the counters from the control files",
         description="Print the KSM counters and the memory saved, read from the daemon's control files.",
     )
     status.add_arguments(st)
+    pg = sub.add_parser(
+        "pages",
+        help="why a process's pages are merged or not, page by page",
+        description="Count a process's registered pages by state (merged, unstable, volatile, ...), from the "
+        "daemon's control files; -v lists the address ranges, --map draws them.",
+    )
+    pages.add_arguments(pg)
     return p
 
 
@@ -245,6 +252,8 @@ def main(argv: list[str] | None = None, *, serve_loop: ServeLoop = Server.serve)
         parser.error("--cross-check goes with --merge kernel (in emulation the scanner always runs)")
     if args.command == "status":
         return status.run(args)
+    if args.command == "pages":
+        return pages.run(args)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(), format="cuse-ksm: %(levelname)s: %(message)s")
     if args.trace:
         # Its own level: --trace shows even with --log-level warning.

@@ -34,8 +34,17 @@ import trio
 
 from cuse_ksm import abi
 from cuse_ksm.controltree import ControlTree, Node
+from cuse_ksm.engine.scanner import BATCH_SECONDS
 
 log = logging.getLogger(__name__)
+
+# Longest the building of one file's contents holds the daemon's loop at a
+# time: as long as one of the scanner's batches.
+READ_SLICE = BATCH_SECONDS
+# While the scanner runs, the most of the loop's time that building a large
+# file (``pages`` of a multi-GiB region) may take: after each slice it waits
+# 19 times as long, so that the scanner keeps 95 % (docs/benchmarks.md).
+READ_SHARE = 0.05
 
 
 # -- the pyfuse3 adapter -----------------------------------------------------------------
@@ -169,10 +178,29 @@ class ControlOperations(pyfuse3.Operations):
         f = self._files[fh]
         if off == 0:
             try:
-                f.snapshot = self.tree.read(f.inode)
+                f.snapshot = await self.contents(f.inode)
             except OSError as e:
                 raise _fuse_error(e) from None
         return f.snapshot[off : off + size]
+
+    async def contents(self, inode: int) -> bytes:
+        """The file's contents, built piece by piece; the scanner and the device run between pieces
+        whenever building has taken READ_SLICE seconds (a ``pages`` file of a multi-GiB region).
+
+        While the scanner runs, each such pause lasts long enough that building
+        takes at most READ_SHARE of the loop's time; otherwise it is a checkpoint.
+        """
+        parts = []
+        clock = time.perf_counter
+        start = clock()
+        for part in self.tree.read_parts(inode):
+            parts.append(part)
+            spent = clock() - start
+            if spent > READ_SLICE:
+                running = self.tree.engine.running()
+                await trio.sleep(spent * (1 / READ_SHARE - 1) if running else 0)
+                start = clock()
+        return b"".join(parts)
 
     async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         # As sysfs: each write() is one whole value, whatever the offset.

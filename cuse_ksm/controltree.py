@@ -47,7 +47,7 @@ import dataclasses
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     # Only for annotations: importing the engine would import what it needs
     # to run (trio, xxhash, ...), and ``cuse-ksm status`` needs none of it.
     from cuse_ksm.device import HostView
-    from cuse_ksm.engine import Engine, Slot
+    from cuse_ksm.engine import Engine, PageSurvey, Slot
 
 DEFAULT_ROOT = "/run/cuse-ksm"
 
@@ -297,6 +297,66 @@ def parse_stat(text: str) -> dict[str, str]:
 TEXT_FILES: dict[str, Callable[[Engine], bytes]] = {"emulator_memory": emulator_memory_text}
 
 
+# ``processes/<pid>/pages`` and ``page_runs``: each page's state (engine/pages.py).
+# The state names come from the engine (STATE_NAMES), in its order.
+PAGES_SHARED_SHOWN = 16  # shared pages listed per region in ``pages``, most pages first
+
+
+def region_line(slot: Slot) -> str:
+    """The line that opens a region's block in ``pages`` and ``page_runs``."""
+    return f"region {slot.sma.id} {slot.addr:#x} {slot.npages}\n"
+
+
+def pages_text(survey: PageSurvey) -> str:
+    """A region's block of ``processes/<pid>/pages``, from a finished survey.
+
+    ``region SMA ADDR NPAGES``; ``state NAME PAGES`` for every state;
+    ``shared_pages N``, the shared pages the region maps; then up to
+    PAGES_SHARED_SHOWN lines ``shared ID SHARERS PAGES [zeros]``: the shared
+    page's id, how many pages map it in all, how many of them are in this
+    region, and ``zeros`` when its content is all zeros.
+    """
+    from cuse_ksm.engine import STATE_NAMES
+
+    lines = [region_line(survey.slot)]
+    lines += [f"state {STATE_NAMES[state]} {n}\n" for state, n in survey.counts.items()]
+    lines.append(f"shared_pages {len(survey.shared)}\n")
+    top = sorted(survey.shared.items(), key=lambda kv: (-kv[1], kv[0]))[:PAGES_SHARED_SHOWN]
+    for kid, here in top:
+        page = survey.shared_page(kid)
+        if page is not None:  # else freed since its chunk was surveyed
+            lines.append(f"shared {kid} {page[0]} {here}{' zeros' if page[1] else ''}\n")
+    return "".join(lines)
+
+
+RUNS_PER_PIECE = 1024  # lines of ``page_runs`` formatted between two chances for the scanner to run
+
+
+def page_runs_text(survey: PageSurvey) -> Iterator[str]:
+    """A region's block of ``processes/<pid>/page_runs``, from a finished survey with runs, in pieces.
+
+    ``region SMA ADDR NPAGES``, then ``run ADDR NPAGES STATE`` per run of
+    pages in one state, in address order; a merged run adds ``ID SHARERS``
+    of its shared page, and ``zeros`` when its content is all zeros.
+    """
+    from cuse_ksm.engine import STATE_NAMES
+
+    slot = survey.slot
+    yield region_line(slot)
+    runs = survey.runs
+    for at in range(0, len(runs), RUNS_PER_PIECE):
+        lines = []
+        for r in runs[at : at + RUNS_PER_PIECE]:
+            line = f"run {slot.base + r.start * abi.PAGE_SIZE:#x} {r.npages} {STATE_NAMES[r.state]}"
+            page = survey.shared_page(r.kpage) if r.kpage else None
+            if page is not None:
+                line += f" {r.kpage} {page[0]}" + (" zeros" if page[1] else "")
+            elif r.kpage:
+                line += f" {r.kpage} 0"  # freed since its chunk was surveyed: no sharer left
+            lines.append(line + "\n")
+        yield "".join(lines)
+
+
 # -- the host kernel's figures (kernel mode) ----------------------------------------
 
 HostValue = Callable[["ControlTree", "HostView"], int]
@@ -331,7 +391,15 @@ _INODE_TEXT = {ino: name for name, ino in _TEXT_INODES.items()}
 _PROC_BASE = 1 << 32
 _PROC_STRIDE = 8
 # The host_ ones in kernel mode only (host_ksm_stat where the host kernel has /proc/PID/ksm_stat).
-PROCESS_FILES = ("ksm_merging_pages", "regions", "ksm_stat", "host_ksm_merging_pages", "host_ksm_stat")
+PROCESS_FILES = (
+    "ksm_merging_pages",
+    "regions",
+    "ksm_stat",
+    "pages",
+    "page_runs",
+    "host_ksm_merging_pages",
+    "host_ksm_stat",
+)
 
 
 @dataclass(frozen=True)
@@ -444,9 +512,21 @@ class ControlTree:
     # contents -----------------------------------------------------------------
 
     def read(self, inode: int) -> bytes:
+        return b"".join(self.read_parts(inode))
+
+    def read_parts(self, inode: int) -> Iterator[bytes]:
+        """The contents of ``inode``, in pieces: between two pieces the caller may let the scanner run.
+
+        Most files are one piece.  ``pages`` and ``page_runs`` are built a
+        chunk of a region at a time (:meth:`PageSurvey.steps`), yielding an
+        empty piece after each step, so that a read of a multi-GiB region
+        never holds the daemon's loop for long (controlfs checkpoints
+        between pieces).
+        """
         value = _INODE_VALUES.get(inode)
         if value is not None:
-            return read_value(self.engine, value.name)
+            yield read_value(self.engine, value.name)
+            return
         node = self.node(inode)
         if node is None:
             raise OSError(errno.ENOENT, "no such file")
@@ -454,20 +534,32 @@ class ControlTree:
             raise OSError(errno.EISDIR, "is a directory")
         host = self.host
         if inode in _INODE_HOST and host is not None:
-            return b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
+            yield b"%d\n" % HOST_VALUES[_INODE_HOST[inode]](self, host)
+            return
         if inode in _INODE_TEXT:
-            return TEXT_FILES[_INODE_TEXT[inode]](self.engine)
+            yield TEXT_FILES[_INODE_TEXT[inode]](self.engine)
+            return
         tgid, k = self._split_process_inode(inode)
         name = PROCESS_FILES[k]
+        if name in ("pages", "page_runs"):
+            runs = name == "page_runs"
+            for slot in self.regions(tgid):
+                survey = self.engine.survey(slot, runs=runs)
+                for _ in survey.steps():
+                    yield b""
+                for text in page_runs_text(survey) if runs else [pages_text(survey)]:
+                    yield text.encode()
+            return
         if name == "ksm_merging_pages":
-            return b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
-        if name == "ksm_stat":
-            return ksm_stat_text(self.engine, tgid)
-        if name == "host_ksm_merging_pages" and host is not None:
-            return b"%d\n" % (host.merging_pages(tgid) or 0)
-        if name == "host_ksm_stat" and host is not None:
-            return (host.ksm_stat(tgid) or "").encode()
-        return regions_text(self.regions(tgid), host)
+            yield b"%d\n" % self.engine.merged_pages_by_tgid().get(tgid, 0)
+        elif name == "ksm_stat":
+            yield ksm_stat_text(self.engine, tgid)
+        elif name == "host_ksm_merging_pages" and host is not None:
+            yield b"%d\n" % (host.merging_pages(tgid) or 0)
+        elif name == "host_ksm_stat" and host is not None:
+            yield (host.ksm_stat(tgid) or "").encode()
+        else:
+            yield regions_text(self.regions(tgid), host)
 
     def write(self, inode: int, data: bytes) -> None:
         value = _INODE_VALUES.get(inode)

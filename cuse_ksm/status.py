@@ -102,10 +102,10 @@ def _read_process(directory: str, pid: int) -> Process | None:
     )
 
 
-def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -> Snapshot:
-    """Read every value file and process directory under ``directory``."""
+def list_directory(directory: str) -> set[str]:
+    """The names in the control directory, or StatusError saying why it cannot be read."""
     try:
-        names = set(os.listdir(directory))
+        return set(os.listdir(directory))
     except FileNotFoundError:
         raise StatusError(
             f"no control files at {directory}: is the cuse-ksm daemon running? "
@@ -117,6 +117,11 @@ def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -
         if e.errno == errno.ENOTCONN:
             raise StatusError(f"{directory}: stale mount, the daemon that served it died") from None
         raise StatusError(f"{directory}: {e.strerror}") from None
+
+
+def read_snapshot(directory: str, clock: Callable[[], float] = time.monotonic) -> Snapshot:
+    """Read every value file and process directory under ``directory``."""
+    names = list_directory(directory)
     values: dict[str, int] = {}
     for name in [v.name for v in VALUES] + list(HOST_VALUES):
         if name in names:

@@ -29,6 +29,10 @@ SECTIONS = {
     "worst case": (rf"^worst case ratio emulator/kernel: {NUMBER_OR_NA}", True),
     "engine memory per registered page": (rf"^memory ratio emulator/kernel: {NUMBER_OR_NA}", False),
     "ioctl latency": (rf"^latency ratio busy/idle: {NUMBER_OR_NA}", False),
+    "50 % duplicates, 64 MiB, time to full merge while `cuse-ksm pages`": (
+        rf"^pages ratio loop/alone: {NUMBER_OR_NA}",
+        False,
+    ),
 }
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pyfuse3
@@ -184,10 +184,10 @@ async def test_mount_is_gone_after_cancel_and_after_a_crash() -> None:
 
 @needs_fuse
 async def test_a_crash_inside_the_filesystem_unmounts_and_fails_the_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    def bug(self: ControlTree, inode: int) -> bytes:
+    def bug(self: ControlTree, inode: int) -> Iterator[bytes]:
         raise ZeroDivisionError("a bug in the tree")
 
-    monkeypatch.setattr(ControlTree, "read", bug)
+    monkeypatch.setattr(ControlTree, "read_parts", bug)
     engine = Engine()
     with mount_dir() as path:
         got: list[OSError] = []
@@ -292,3 +292,67 @@ def test_missing_mount_directories_are_created_0755(tmp_path: Path) -> None:
     assert target.is_dir()
     assert (target.stat().st_mode & 0o777, target.parent.stat().st_mode & 0o777) == (0o755, 0o755)
     assert controltree.default_dir("ksm") == "/run/cuse-ksm/ksm"
+
+
+@needs_fuse
+async def test_the_loop_runs_between_the_pieces_of_a_large_pages_file(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery
+) -> None:
+    """A ``pages`` file is built a chunk at a time; the daemon's other tasks (the scanner) run in between."""
+    monkeypatch.setattr(controlfs, "READ_SLICE", 0.0)  # a checkpoint after every piece
+    engine = Engine()
+    space = FakeSpace(31)
+    for i in range(0, 1 << 14, 1 << 8):  # one page in each of 64 chunks
+        space.map(0x10_0000 + i * abi.PAGE_SIZE, [unique_page(i)])
+    engine.register(engine.new_sma(), space, 0x10_0000, 1 << 14)
+    engine.scan_now(1 << 14)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.sleep(0)
+
+    seen: list[int] = []
+    real = ControlTree.read_parts
+
+    def watched(self: ControlTree, inode: int) -> Iterator[bytes]:
+        for part in real(self, inode):
+            seen.append(ticks)
+            yield part
+
+    monkeypatch.setattr(ControlTree, "read_parts", watched)
+    with mount_dir() as path:
+        nursery.start_soon(tick)
+        await nursery.start(controlfs.serve, ControlTree(engine), path)
+        text = await read(f"{path}/processes/31/pages")
+        nursery.cancel_scope.cancel()
+    assert "state seen_once 64\n" in text
+    # Another task ran between the pieces.  Not between every two: trio may run
+    # the reader twice in a row when it reverses a batch of runnable tasks.
+    assert len(seen) == 64 + 1 and len(set(seen)) >= 16, seen
+
+
+@pytest.mark.parametrize("running", [False, True])
+async def test_while_the_scanner_runs_a_large_file_takes_a_small_share_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock, running: bool
+) -> None:
+    """Between pieces the build waits READ_SHARE's complement of its time, but only while the scanner runs."""
+    monkeypatch.setattr(controlfs, "READ_SLICE", 0.0)  # a pause after every piece
+    engine = Engine()
+    space = FakeSpace(31)
+    for i in range(0, 1 << 12, 1 << 8):
+        space.map(0x10_0000 + i * abi.PAGE_SIZE, [unique_page(i)])
+    engine.register(engine.new_sma(), space, 0x10_0000, 1 << 12)
+    engine.scan_now(1 << 12)
+    if running:
+        engine.set_kthread(sleep=0, pages_to_scan=100, flags=1)
+    tree = ControlTree(engine)
+    inode = tree.path("processes/31/pages")
+    assert inode is not None
+    before = trio.current_time()
+    text = await controlfs.ControlOperations(tree).contents(inode)
+    assert text == tree.read(inode)
+    # Virtual time passes only in the pauses: none when the scanner is idle.
+    assert (trio.current_time() > before) == running

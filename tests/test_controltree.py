@@ -20,7 +20,7 @@ from cuse_ksm.controltree import PROCESSES_INODE, ROOT_INODE, ControlTree, read_
 from cuse_ksm.device import Done
 from cuse_ksm.engine import Engine
 from tests.conftest import BAD_WRITES, READ_ONLY, get_info, kthread_ioctl
-from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
+from tests.engine.fakes import MIXED_ADDR, MIXED_PAGES, FakeSpace, full_scans, mixed, page, unique_page
 
 
 def test_the_files_and_which_of_them_are_writable() -> None:
@@ -170,7 +170,13 @@ def test_tree_lists_values_and_a_directory_per_process() -> None:
     assert proc is not None
     node = tree.node(proc)
     assert node is not None and node.is_dir
-    assert [name for name, _ in tree.entries(proc)] == ["ksm_merging_pages", "regions", "ksm_stat"]
+    assert [name for name, _ in tree.entries(proc)] == [
+        "ksm_merging_pages",
+        "regions",
+        "ksm_stat",
+        "pages",
+        "page_runs",
+    ]
     assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
     sma = e.slots[1].sma.id
     assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
@@ -289,3 +295,65 @@ def test_the_tree_and_status_import_neither_pyfuse3_nor_trio() -> None:
     code = "import sys, cuse_ksm.controltree, cuse_ksm.status; print(sorted({'pyfuse3', 'trio'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
+
+
+# -- processes/<pid>/pages and page_runs ---------------------------------------------
+
+
+def test_pages_counts_every_state_and_names_the_shared_pages() -> None:
+    e, _, _ = mixed(tgid=77)
+    tree = ControlTree(e)
+    assert tree.read(at(tree, "processes/77/pages")).decode().splitlines() == [
+        f"region 1 {MIXED_ADDR:#x} {MIXED_PAGES}",
+        "state merged 11",
+        "state unstable 10",
+        "state volatile 5",
+        "state seen_once 1",
+        "state written 1",
+        "state at_limit 1",
+        f"state not_present {MIXED_PAGES - 33}",
+        "state zero_page 3",
+        "state unreadable 1",
+        "state not_scanned 0",
+        "shared_pages 2",
+        "shared 1 10 10",  # page(1): merged first, 10 sharers, all of them here
+        "shared 2 1 1",
+    ]
+
+
+def test_page_runs_give_each_run_its_address_and_merged_runs_their_shared_page() -> None:
+    e, space, _ = mixed(tgid=77)
+    # A second region of the process: zeros written in two pages merge, into a page of zeros.
+    space.map(0x10000, [bytes(abi.PAGE_SIZE)] * 2)
+    e.register(e.new_sma(), space, 0x10000, 3)
+    e.max_kernel_pages = 0
+    full_scans(e, 2)
+    zeros = next(k for k, kpage in e.stable.by_id.items() if kpage.data == bytes(abi.PAGE_SIZE))
+    tree = ControlTree(e)
+    a = MIXED_ADDR
+    runs = tree.read(at(tree, "processes/77/page_runs")).decode().splitlines()
+    assert runs[:2] == [f"region 1 {a:#x} {MIXED_PAGES}", f"run {a:#x} 10 merged 1 10"]
+    assert sum(int(line.split()[2]) for line in runs if line.startswith("run ")) == MIXED_PAGES + 3
+    assert runs[-3:] == ["region 2 0x10000 3", f"run 0x10000 2 merged {zeros} 2 zeros", "run 0x12000 1 not_present"]
+    pages = tree.read(at(tree, "processes/77/pages")).decode()
+    assert pages.endswith(f"shared_pages 1\nshared {zeros} 2 2 zeros\n")
+
+
+def test_a_large_region_is_read_in_pieces_one_per_chunk_or_gap() -> None:
+    """Between two pieces the daemon's loop may run the scanner (controlfs): no piece covers two chunks."""
+    e = Engine()
+    space = FakeSpace(5)
+    base = 0x7F00_0000_0000
+    for i in range(0, 1 << 16, 1 << 12):  # a page every 16 MiB of a 256 MiB region: 16 chunks, 16 gaps
+        space.map(base + i * abi.PAGE_SIZE, [unique_page(i)])
+    e.register(e.new_sma(), space, base, 1 << 16)
+    full_scans(e, 1)
+    tree = ControlTree(e)
+    parts = list(tree.read_parts(at(tree, "processes/5/pages")))
+    assert len(parts) == 16 + 15 + 1  # 16 chunks, the 15 gaps between them, then the text
+    assert b"".join(parts) == tree.read(at(tree, "processes/5/pages"))
+    assert b"state seen_once 16\n" in parts[-1]
+    runs = list(tree.read_parts(at(tree, "processes/5/page_runs")))
+    assert len(runs) == 16 + 15 + 1 + 1  # the steps, the region line, one piece of 31 runs
+    text = b"".join(runs).decode()
+    assert text.count("\nrun ") == 16 + 16  # each page, and the not-present pages after it

@@ -318,6 +318,8 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
         "ksm_merging_pages",
         "regions",
         "ksm_stat",
+        "pages",
+        "page_runs",
         "host_ksm_merging_pages",
     ]
     assert read(f"processes/{A}/host_ksm_merging_pages") == b"4096\n"

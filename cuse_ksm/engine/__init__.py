@@ -10,6 +10,7 @@ never waits.  The trio task that runs the scanner is cuse_ksm/kksmd.py.
 - ``counters``: the scanner's running counts, the counters they mean and
   today's kernel's profit formulas;
 - ``memory``: what the engine itself spends on memory;
+- ``pages``: each page's state as the scanner last saw it (``cuse-ksm pages``);
 - ``core``: :class:`Engine`, the face the device and control files use;
 - ``check``: a full consistency walk, for tests.
 """
@@ -17,18 +18,22 @@ never waits.  The trio task that runs the scanner is cuse_ksm/kksmd.py.
 from cuse_ksm.engine.core import Engine
 from cuse_ksm.engine.counters import Counters, ProcessStat
 from cuse_ksm.engine.memory import EngineMemory
+from cuse_ksm.engine.pages import STATE_NAMES, PageSurvey, Run
 from cuse_ksm.engine.registry import AddressSpace, Slot, Sma
 from cuse_ksm.engine.trees import KsmPage, RmapChunk, RmapItem, StableTree, UnstableTree
 
 __all__ = [
+    "STATE_NAMES",
     "AddressSpace",
     "Counters",
     "Engine",
     "EngineMemory",
     "KsmPage",
+    "PageSurvey",
     "ProcessStat",
     "RmapChunk",
     "RmapItem",
+    "Run",
     "Slot",
     "Sma",
     "StableTree",

@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING
 from xxhash import xxh3_64_intdigest
 
 from cuse_ksm.abi import PAGE_SIZE
-from cuse_ksm.engine.trees import CHUNK_PAGES, CHUNK_SHIFT, ITEM, MERGED, NO_ITEM, UNSTABLE
+from cuse_ksm.engine.trees import CHUNK_PAGES, CHUNK_SHIFT, ITEM_STATES, MERGED, NO_ITEM_STATES, UNSTABLE
 
 if TYPE_CHECKING:
     from cuse_ksm.engine.core import Engine
     from cuse_ksm.engine.trees import KsmPage
-
-_STATES = (NO_ITEM, ITEM, UNSTABLE, MERGED)
 
 
 class EngineInconsistent(AssertionError):
@@ -89,18 +87,24 @@ def problems(engine: Engine) -> list[str]:
                 bad(f"slot {slot.seq}: chunk {ci} lies beyond its {slot.npages} pages")
                 continue
             state, word = chunk.state, chunk.word
-            if len(state) != CHUNK_PAGES or len(word) != CHUNK_PAGES:
+            # A chunk that never held an item may have no checksum column.
+            if len(state) != CHUNK_PAGES or len(word) not in (CHUNK_PAGES, 0):
                 bad(f"slot {slot.seq} chunk {ci}: arrays of {len(state)}/{len(word)} entries")
                 continue
             for k in range(CHUNK_PAGES):
                 st = state[k]
-                if st == NO_ITEM:
-                    if word[k]:
-                        bad(f"slot {slot.seq} page {(ci << CHUNK_SHIFT) + k}: no item but word {word[k]:#x}")
-                    continue
                 index = (ci << CHUNK_SHIFT) + k
-                if st not in _STATES:
+                if st in NO_ITEM_STATES:
+                    if word and word[k]:
+                        bad(f"slot {slot.seq} page {index}: no item but word {word[k]:#x}")
+                    if st and index >= slot.npages:
+                        bad(f"slot {slot.seq}: state {st:#x} at page {index}, past its {slot.npages} pages")
+                    continue
+                if st not in ITEM_STATES:
                     bad(f"slot {slot.seq} page {index}: unknown state {st}")
+                    continue
+                if not word:
+                    bad(f"slot {slot.seq} page {index}: an item in a chunk with no checksum column")
                     continue
                 if index >= slot.npages:
                     bad(f"slot {slot.seq}: item at page {index}, past its {slot.npages} pages")

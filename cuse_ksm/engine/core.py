@@ -15,6 +15,7 @@ from collections.abc import Callable
 from cuse_ksm.abi import KSM_CONTROL_FLAGS_RUN, KthreadInfo
 from cuse_ksm.engine.counters import Counters, ProcessStat
 from cuse_ksm.engine.memory import EngineMemory, measure
+from cuse_ksm.engine.pages import PageSurvey
 from cuse_ksm.engine.registry import AddressSpace, Registry, Slot, Sma
 from cuse_ksm.engine.scanner import Scanner
 from cuse_ksm.engine.trees import RmapItem, StableTree, UnstableTree
@@ -146,6 +147,10 @@ class Engine:
     def rmap_item(self, slot: Slot, index: int) -> RmapItem:
         """The reverse-map item of page ``index`` of ``slot`` (a view, for inspection)."""
         return self.scanner.rmap_item(slot, index)
+
+    def survey(self, slot: Slot, *, runs: bool = False) -> PageSurvey:
+        """The states of ``slot``'s pages, to be gathered by iterating its ``steps()`` (engine/pages.py)."""
+        return PageSurvey(self.scanner.stable, slot, want_runs=runs)
 
     # -- scanning --------------------------------------------------------------------
 

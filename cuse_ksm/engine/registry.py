@@ -43,9 +43,12 @@ class AddressSpace(Protocol):
     def read_pages(self, addr: int, npages: int, into: mmap.mmap) -> bytes | None:
         """Copy the present pages of [addr, addr + npages pages) into ``into``.
 
-        Returns one byte per page, 1 where the page was present and copied to
-        ``into[i * PAGE_SIZE:]``, 0 where it was not (nothing is faulted in);
-        None once the address space is gone for good.
+        Returns one byte per page: PAGE_COPIED (1) where the page was present
+        and copied to ``into[i * PAGE_SIZE:]``; else PAGE_ABSENT (0, not
+        present: nothing is faulted in), PAGE_ZERO (it maps the kernel's
+        shared zero page) or PAGE_UNREADABLE (present, but the read failed),
+        all from :mod:`cuse_ksm.abi`.  None once the address space is gone
+        for good.
         """
         ...
 
@@ -72,6 +75,9 @@ class Slot:
     pages_merged: int = 0
     # Number of this slot in the current unstable tree's ``loc`` values.
     no: int = 0
+    # Pages [0, visited) have been looked at since registration (the cursor
+    # walks a slot from its first page): the others are not scanned yet.
+    visited: int = 0
     # Set when the slot left the registry, or its address space died.
     gone: bool = False
     # --merge kernel: what the caller's madvise(MADV_MERGEABLE) of the region

@@ -30,13 +30,15 @@ from __future__ import annotations
 import itertools
 import logging
 import mmap
+import re
 import sys
 import time
+from array import array
 from collections import Counter
 
 from xxhash import xxh3_64_intdigest
 
-from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.engine.counters import Tally
 from cuse_ksm.engine.registry import AddressSpace, Registry, Slot
 from cuse_ksm.engine.trees import (
@@ -44,20 +46,34 @@ from cuse_ksm.engine.trees import (
     CHUNK_PAGES,
     CHUNK_SHIFT,
     ITEM,
+    ITEM_MASK,
+    LIMITED,
     MERGED,
     NO_ITEM,
     PAGE_SHIFT,
+    UNREADABLE,
     UNSTABLE,
+    VOLATILE,
+    WRITTEN,
+    ZERO_PAGE,
     RmapChunk,
     RmapItem,
     StableTree,
     UnstableTree,
+    count_items,
 )
 
 log = logging.getLogger(__name__)
 
 # Maps a state byte to 1 if it is MERGED, else 0 (for bytes.translate).
 _IS_MERGED = bytes(1 if b == MERGED else 0 for b in range(256))
+# What a read found (cuse_ksm.abi.PAGE_*), as bytes.translate tables: the
+# pages it copied (1) and the others (0), as the hot loop takes them; and
+# the state a page with no item keeps for it (zero page, unreadable), else 0.
+_IS_COPIED = bytes(1 if b == PAGE_COPIED else 0 for b in range(256))
+_ABSENT_STATE = bytes({PAGE_ZERO: ZERO_PAGE, PAGE_UNREADABLE: UNREADABLE}.get(b, 0) for b in range(256))
+_PLAIN_READ = bytes((0, PAGE_COPIED))  # what a read without zero or unreadable pages holds
+_MARKS = re.compile(rb"[^\x00]+")
 
 # A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
 # processing, about 0.5 ms: the unit of work between two chances for the
@@ -118,7 +134,7 @@ class Scanner:
         for chunk in slot.chunks.values():
             state = chunk.state
             nmerged = state.count(MERGED)
-            tally.items -= CHUNK_PAGES - state.count(NO_ITEM)
+            tally.items -= count_items(state)
             tally.unshared -= state.count(UNSTABLE)
             if nmerged:
                 tally.sharers -= nmerged
@@ -152,8 +168,8 @@ class Scanner:
         chunk = slot.chunks.get(index >> CHUNK_SHIFT)
         k = index & CHUNK_MASK
         state = chunk.state[k] if chunk is not None else NO_ITEM
-        if state == NO_ITEM:
-            return RmapItem(slot, index, NO_ITEM, None, None)
+        if not state & ITEM_MASK:
+            return RmapItem(slot, index, state, None, None)
         assert chunk is not None
         if state == MERGED:
             kpage = self.stable.by_id[chunk.word[k]]
@@ -170,8 +186,7 @@ class Scanner:
         Counted from the state bytes at C speed, one join and one count,
         so that the hot loop keeps no per-slot tally.
         """
-        chunks = slot.chunks.values()
-        return CHUNK_PAGES * len(chunks) - b"".join(chunk.state for chunk in chunks).count(NO_ITEM)
+        return count_items(b"".join(chunk.state for chunk in slot.chunks.values()))
 
     # -- the cursor -----------------------------------------------------------------
 
@@ -192,6 +207,8 @@ class Scanner:
         n = min(budget, slot.npages - idx, BATCH_PAGES - (idx & (BATCH_PAGES - 1)))
         try:
             n = self._scan_batch(slot, idx, n)
+            if idx + n > slot.visited:
+                slot.visited = idx + n
         except Exception:
             # The scanner must outlive anything a scanned process does to it;
             # a bug here skips the batch and is counted, not fatal.
@@ -242,17 +259,25 @@ class Scanner:
         per page are bound once per batch.
         """
         space = slot.space
-        present = space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._buf)
-        if present is None:
+        found = space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._buf)
+        if found is None:
             self._space_gone(space)
             return n
+        # Zero pages and unreadable ones are rare: the loop takes them as not
+        # present, and their state is set after it (_mark_absent).
+        present = found if not found.translate(None, _PLAIN_READ) else found.translate(_IS_COPIED)
         ci = idx >> CHUNK_SHIFT
         k0 = idx & CHUNK_MASK
         chunk = slot.chunks.get(ci)
         if chunk is None:
             if 1 not in present:
+                if present is not found:
+                    chunk = slot.chunks[ci] = RmapChunk(items=False)
+                    self._mark_absent(chunk, k0, found)
                 return n
             chunk = slot.chunks[ci] = RmapChunk()
+        elif not chunk.word and 1 in present:
+            chunk.hold_items()
         state = chunk.state
         word = chunk.word
         pages = self._pages
@@ -276,8 +301,11 @@ class Scanner:
             if not present[j]:
                 # Not present (never touched, swapped, or unmapped): skipped,
                 # and an item it had leaves the trees, as if the page were new.
-                if st != NO_ITEM:
-                    self._drop_item(slot, chunk, k)
+                if st:
+                    if st & ITEM_MASK:
+                        self._drop_item(slot, chunk, k)
+                    else:
+                        state[k] = NO_ITEM
                 continue
             scanned += 1
             page = pages[j]
@@ -291,6 +319,7 @@ class Scanner:
                 # and given it a private copy.  Drop the item and let the page
                 # start over next pass, as the driver does after a COW.
                 self._drop_item(slot, chunk, k)
+                state[k] = WRITTEN
                 continue
 
             if st == UNSTABLE:
@@ -303,7 +332,7 @@ class Scanner:
             if h in stable_digests:
                 shared = stable_find(h, page)
                 if shared is not None:
-                    if st == NO_ITEM:
+                    if not st & ITEM_MASK:
                         d_items += 1
                     state[k] = MERGED
                     word[k] = shared.id
@@ -312,7 +341,7 @@ class Scanner:
                     d_merged += 1
                     continue
 
-            if st == NO_ITEM:
+            if not st & ITEM_MASK:
                 # First sight: remember its digest; it may enter the unstable
                 # tree next pass if it has not changed by then.
                 state[k] = ITEM
@@ -323,6 +352,7 @@ class Scanner:
                 # Checksum gate: changed since last pass, too volatile to be
                 # worth a place in the unstable tree.
                 word[k] = h
+                state[k] = VOLATILE
                 continue
 
             # The unstable tree: search, and insert if nothing matches.
@@ -341,10 +371,24 @@ class Scanner:
         tally.sharers += d_sharers
         tally.pages_scanned += scanned
         slot.pages_merged += d_merged
+        if present is not found:
+            self._mark_absent(chunk, k0, found[:n])
         return n
 
+    @staticmethod
+    def _mark_absent(chunk: RmapChunk, k0: int, found: bytes) -> None:
+        """Record the zero pages and unreadable pages among ``found`` (pages k0... of ``chunk``).
+
+        The hot loop took them as not present (dropping any item); only
+        their state byte says what was seen, in runs, without a loop per page.
+        """
+        marks = found.translate(_ABSENT_STATE)
+        state = chunk.state
+        for m in _MARKS.finditer(marks):
+            state[k0 + m.start() : k0 + m.end()] = array("B", m.group())
+
     def _drop_item(self, slot: Slot, chunk: RmapChunk, k: int) -> None:
-        """Remove the item of page k of ``chunk`` from whatever tree holds it."""
+        """Remove the item of page k of ``chunk`` (it has one) from whatever tree holds it."""
         st = chunk.state[k]
         if st == MERGED:
             kpage = self.stable.by_id[chunk.word[k]]
@@ -358,8 +402,7 @@ class Scanner:
             # Its entry in the unstable tree, if still there, turns stale: the
             # state check in _same_page ignores it.
             self.tally.unshared -= 1
-        if st != NO_ITEM:
-            self.tally.items -= 1
+        self.tally.items -= 1
         chunk.state[k] = NO_ITEM
         chunk.word[k] = 0
 
@@ -395,6 +438,7 @@ class Scanner:
         if limit and len(self.stable) >= limit:
             # At the limit no new shared page is made; the page stays out of
             # both trees this pass (the driver's failed merge does the same).
+            chunk.state[k] = LIMITED
             return
         found = self._locate(other)
         assert found is not None  # _same_page just confirmed it

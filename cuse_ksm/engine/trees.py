@@ -48,30 +48,52 @@ CHUNK_SHIFT = 8
 CHUNK_PAGES = 1 << CHUNK_SHIFT
 CHUNK_MASK = CHUNK_PAGES - 1
 
-# State of a reverse-map item (RmapChunk.state).
-NO_ITEM = 0  # never seen present, or dropped
-ITEM = 1  # seen: its checksum is remembered, it is in no tree
+# State of a page (RmapChunk.state), one byte.  Values with a non-zero low
+# nibble (ITEM_MASK) are reverse-map items, which the counters count; the
+# others say what the scanner saw of a page that has no item.
+NO_ITEM = 0  # no item: never seen, or not present at its last look
+ITEM = 1  # seen once: its checksum is remembered, it is in no tree yet
 UNSTABLE = 2  # unchanged for a full scan: it went into the unstable tree
 MERGED = 3  # it maps a KsmPage (the stable tree); `word` holds that page's id
+VOLATILE = 4  # its checksum moved since the previous look: in no tree
+LIMITED = 5  # it matched a page of the unstable tree, but max_kernel_pages refused a new shared page
+ITEM_MASK = 0x0F
+ZERO_PAGE = 0x10  # no item: at its last look it mapped the kernel's shared zero page
+UNREADABLE = 0x20  # no item: at its last look it was present but could not be read
+WRITTEN = 0x30  # no item: it mapped a shared page and was written since (COW); it starts over
+ITEM_STATES = bytes((ITEM, UNSTABLE, MERGED, VOLATILE, LIMITED))
+NO_ITEM_STATES = bytes((NO_ITEM, ZERO_PAGE, UNREADABLE, WRITTEN))
 
 _ZERO_WORDS = bytes(8 * CHUNK_PAGES)
 _ZERO_STATES = bytes(CHUNK_PAGES)
 
 
+def count_items(states: array[int] | bytes) -> int:
+    """How many of the pages whose ``states`` these are (one chunk's, or several joined) have a reverse-map item."""
+    return len(states) - sum(states.count(s) for s in NO_ITEM_STATES)
+
+
 class RmapChunk:
     """Reverse-map items of CHUNK_PAGES consecutive pages of one slot.
 
-    ``word[i]`` is the page's checksum from its last scan (states ITEM and
-    UNSTABLE), or the id of the KsmPage it maps (state MERGED): a merged
+    ``word[i]`` is the page's checksum from its last scan (the item states
+    but MERGED), or the id of the KsmPage it maps (state MERGED): a merged
     page needs no checksum of its own, the shared page has one.  Sharing the
-    column keeps an item at 9 bytes.
+    column keeps an item at 9 bytes.  A chunk made only to remember pages
+    with no item (zero pages, unreadable ones: ``items=False``) has an
+    empty ``word`` until its first item, so it costs one byte per page.
     """
 
     __slots__ = ("state", "word")
 
-    def __init__(self) -> None:
-        self.word = array("Q", _ZERO_WORDS)
+    def __init__(self, items: bool = True) -> None:
+        self.word = array("Q", _ZERO_WORDS if items else b"")
         self.state = array("B", _ZERO_STATES)
+
+    def hold_items(self) -> None:
+        """Give a chunk made with ``items=False`` its checksum column."""
+        if not self.word:
+            self.word = array("Q", _ZERO_WORDS)
 
 
 @dataclass(frozen=True, slots=True)

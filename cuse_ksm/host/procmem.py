@@ -56,7 +56,7 @@ import re
 import select
 from dataclasses import dataclass, field
 
-from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.host import procfs
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
@@ -105,8 +105,8 @@ def _zero_page_entries() -> tuple[bytes, ...]:
 _ZERO_PAGE_ENTRIES = _zero_page_entries()
 
 
-def _drop_zero_pages(pm: bytes, present: bytes) -> bytes:
-    """``present`` with the pages that map the shared zero page marked absent."""
+def _mark_zero_pages(pm: bytes, present: bytes) -> bytes:
+    """``present`` with the pages that map the shared zero page marked PAGE_ZERO (not copied)."""
     if not any(e in pm for e in _ZERO_PAGE_ENTRIES):  # the common case, searched in C
         return present
     marks = bytearray(present)
@@ -114,7 +114,7 @@ def _drop_zero_pages(pm: bytes, present: bytes) -> bytes:
         at = pm.find(entry)
         while at >= 0:
             if at % PM_ENTRY == 0:  # a whole entry, not bytes straddling two
-                marks[at // PM_ENTRY] = 0
+                marks[at // PM_ENTRY] = PAGE_ZERO
             at = pm.find(entry, at + 1)
     return bytes(marks)
 
@@ -195,7 +195,8 @@ class ProcessMemory:
             return False
 
     def present(self, addr: int, npages: int) -> bytes | None:
-        """One byte per page of [addr, addr + npages pages): 1 if present in RAM.  None if the mm is gone."""
+        """One byte per page of [addr, addr + npages pages): 1 if present in RAM, 0 if not, PAGE_ZERO
+        if it maps the shared zero page.  None if the mm is gone."""
         try:
             pm = os.pread(self.pagemap_fd, npages * PM_ENTRY, (addr >> PAGE_SHIFT) * PM_ENTRY)
         except OSError as e:
@@ -206,7 +207,7 @@ class ProcessMemory:
         # address space (those pages cannot be present), or the mm died.
         if len(pm) < npages * PM_ENTRY and not self.alive():
             return None
-        present = _drop_zero_pages(pm, pm[7::PM_ENTRY].translate(_PRESENT))
+        present = _mark_zero_pages(pm, pm[7::PM_ENTRY].translate(_PRESENT))
         if len(present) < npages:
             present += bytes(npages - len(present))
         return present
@@ -214,25 +215,29 @@ class ProcessMemory:
     def read_pages(self, addr: int, npages: int, into: mmap.mmap) -> bytes | None:
         """Copy the present pages of [addr, addr + npages pages) to ``into[i * PAGE_SIZE:]``.
 
-        Returns one byte per page (1: present and copied, 0: skipped), or
-        None once the process or its mm is gone.  See the module docstring
-        for why the checks come after the copy.
+        Returns one byte per page, as :data:`cuse_ksm.abi.PAGE_COPIED` and
+        its neighbours say (copied; not present; the shared zero page;
+        present but unreadable), or None once the process or its mm is gone.
+        See the module docstring for why the checks come after the copy.
         """
         if self.closed:
             return None
         present = self.present(addr, npages)
-        if present is None or 1 not in present:
+        if present is None or PAGE_COPIED not in present:
             return present
         local = _address_of(into)
         # Runs of consecutive present pages, one iovec each.
-        runs = [(0, npages)] if 0 not in present else [(m.start(), m.end()) for m in _RUNS.finditer(present)]
+        if present.count(PAGE_COPIED) == npages:
+            runs = [(0, npages)]
+        else:
+            runs = [(m.start(), m.end()) for m in _RUNS.finditer(present)]
         out: bytearray | None = None
         while runs:
             got = self._pread(local, addr, runs)
             # The reads stop at the first page that cannot be read: unmapped
             # since we read pagemap, present but unreadable (I/O memory), or
-            # the mm is gone (checked below).  That page is counted as not
-            # present; the read resumes after it.
+            # the mm is gone (checked below).  That page is marked
+            # PAGE_UNREADABLE; the read resumes after it.
             left = got >> PAGE_SHIFT
             for r, (start, end) in enumerate(runs):
                 if left >= end - start:
@@ -241,7 +246,7 @@ class ProcessMemory:
                 bad = start + left
                 if out is None:
                     out = bytearray(present)
-                out[bad] = 0
+                out[bad] = PAGE_UNREADABLE
                 runs = ([(bad + 1, end)] if bad + 1 < end else []) + runs[r + 1 :]
                 break
             else:
@@ -272,7 +277,7 @@ class ProcessMemory:
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if present (never faulted in), else None."""
         present = self.read_pages(addr, 1, _page_buf)
-        if not present or not present[0]:
+        if not present or present[0] != PAGE_COPIED:
             return None
         return _page_buf[:PAGE_SIZE]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import mmap
 
-from cuse_ksm.abi import PAGE_SIZE
-from cuse_ksm.engine import Engine
+from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
+from cuse_ksm.engine import Engine, Slot
+from cuse_ksm.engine.check import check_engine
 
 
 def page(fill: int, tail: bytes = b"") -> bytes:
@@ -21,11 +22,17 @@ def unique_page(n: int) -> bytes:
 
 
 class FakeSpace:
-    """An address space made of a dict {page address: content}; absent pages are not present."""
+    """An address space made of a dict {page address: content}; absent pages are not present.
+
+    Pages in ``zero`` read as mapping the kernel's zero page, those in
+    ``unreadable`` as present but failing to read (PAGE_ZERO, PAGE_UNREADABLE).
+    """
 
     def __init__(self, tgid: int = 1000) -> None:
         self.tgid = tgid
         self.pages: dict[int, bytes] = {}
+        self.zero: set[int] = set()
+        self.unreadable: set[int] = set()
         self.gone = False
         self.closes = 0  # how many times close() was called: an engine closes a space once
         self.reads = 0
@@ -58,14 +65,19 @@ class FakeSpace:
         self.reads += 1
         present = bytearray(npages)
         for i in range(npages):
-            data = self.pages.get(addr + i * PAGE_SIZE)
-            if data is not None:
+            at = addr + i * PAGE_SIZE
+            data = self.pages.get(at)
+            if at in self.zero:
+                present[i] = PAGE_ZERO
+            elif at in self.unreadable:
+                present[i] = PAGE_UNREADABLE
+            elif data is not None:
                 into[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
-                present[i] = 1
+                present[i] = PAGE_COPIED
         return bytes(present)
 
     def read_page(self, addr: int) -> bytes | None:
-        if self.gone:
+        if self.gone or addr in self.zero or addr in self.unreadable:
             return None
         return self.pages.get(addr)
 
@@ -77,3 +89,45 @@ def full_scans(engine: Engine, n: int) -> None:
         if not any(not s.gone and s.npages for s in engine.slots):
             break
         engine.scan_now(1 << 40, stop_at_wrap=True)
+
+
+MIXED_ADDR = 0x7F00_0000_0000
+MIXED_PAGES = 700  # three chunks: 0-255, 256-511 (only a zero page in it), 512-699
+
+
+def mixed(tgid: int = 77) -> tuple[Engine, FakeSpace, Slot]:
+    """Four passes over one region that leave pages in every state but not_scanned (tests/engine/test_pages.py)."""
+    A = MIXED_ADDR
+
+    def at(i: int) -> int:
+        return A + i * PAGE_SIZE
+
+    engine = Engine()
+    space = FakeSpace(tgid)
+    space.map(A, [page(1)] * 10)  # 0-9: identical, merge
+    space.map(at(10), [unique_page(100 + i) for i in range(5)])  # 10-14: unique
+    space.map(at(15), [unique_page(200 + i) for i in range(5)])  # 15-19: rewritten before every pass
+    space.map(at(20), [page(2)] * 2)  # 20-21: merge, then 21 is written
+    space.zero |= {at(22), at(23), at(300)}  # only read: 300 alone in its chunk
+    space.pages[at(24)] = page(9)
+    space.unreadable.add(at(24))
+    space.map(at(512), [unique_page(300 + i) for i in range(4)])  # 512-515: unique, third chunk
+    slot = engine.register(engine.new_sma(), space, A, MIXED_PAGES)
+
+    def rewrite_volatile(n: int) -> None:
+        space.map(at(15), [unique_page(1000 * n + i) for i in range(5)])
+
+    full_scans(engine, 1)
+    rewrite_volatile(2)
+    full_scans(engine, 1)
+    rewrite_volatile(3)
+    engine.max_kernel_pages = 2  # the two shared pages there are: no third
+    space.map(at(30), [page(3)] * 2)  # 30-31: a new pair, first seen in pass 3
+    full_scans(engine, 1)
+    check_engine(engine)
+    rewrite_volatile(4)
+    space.write(at(21), unique_page(500))  # a merged page written: COW
+    space.write(at(32), unique_page(600))  # first seen in the last pass
+    full_scans(engine, 1)
+    check_engine(engine)
+    return engine, space, slot

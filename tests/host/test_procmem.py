@@ -10,7 +10,7 @@ from contextlib import closing
 
 import pytest
 
-from cuse_ksm.abi import PAGE_SIZE
+from cuse_ksm.abi import PAGE_SIZE, PAGE_ZERO
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
@@ -51,15 +51,18 @@ def test_reads_present_pages_and_never_faults_in_the_others(children: list[Child
         assert space.read_page(child.page_addr(30)) is None
 
 
-def test_pages_only_read_map_the_zero_page_and_count_as_not_present(children: list[Child]) -> None:
-    """As the kernel's KSM: a page never written holds no memory of its own to merge."""
+def test_pages_only_read_map_the_zero_page_and_are_not_scanned(children: list[Child]) -> None:
+    """As the kernel's KSM: a page never written holds no memory of its own to merge.
+
+    The read marks such pages PAGE_ZERO (copied: no), so that `cuse-ksm pages` can say why.
+    """
     child = spawn(children, 32)
     child.fill(0, 8, 0)  # written zeros: eight private pages that happen to be zero
     child.touch(8, 16)  # read only: all map the shared zero page
     space = ProcessMemory.open(child.pid)
     engine = Engine()
     try:
-        assert space.present(child.addr, 32) == bytes([1] * 8 + [0] * 24)
+        assert space.present(child.addr, 32) == bytes([1] * 8 + [PAGE_ZERO] * 16 + [0] * 8)
         engine.register(engine.new_sma(), space, child.addr, 32)
         full_scans(engine, 3)
         c = engine.counters()

@@ -22,6 +22,7 @@ ROBUST = ROOT / "tests" / "robust"
 ROBUST_BIN = ROBUST / "bin"
 DEVICE = os.environ.get("CUSE_KSM_DEVICE", "/dev/ksm")
 VM_OUT = ROOT / "tests" / "vm" / "out"  # logs kept for after the run
+STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))  # the main daemon's control files
 
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -73,6 +74,30 @@ def daemon_pid() -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- the main daemon's control files ------------------------------------------------------------
+
+
+def value(name: str, directory: Path = STATS) -> int:
+    text = (directory / name).read_text()
+    assert text.endswith("\n") and text.count("\n") == 1, repr(text)
+    return int(text)
+
+
+def write(name: str, data: str, directory: Path = STATS) -> int:
+    """Write as ``echo data > file`` does; 0 or the errno."""
+    try:
+        fd = os.open(directory / name, os.O_WRONLY | os.O_TRUNC)
+    except OSError as e:
+        return e.errno or -1
+    try:
+        os.write(fd, data.encode())
+    except OSError as e:
+        return e.errno or -1
+    finally:
+        os.close(fd)
+    return 0
 
 
 def run_c(name: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

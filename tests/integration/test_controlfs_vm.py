@@ -15,34 +15,22 @@ from pathlib import Path
 import pytest
 from pyksm import Ksm
 
-from tests.integration.conftest import DEVICE, ROOT, keep_sample, ready_program, start_daemon, stop_daemon
+from tests.integration.conftest import (
+    DEVICE,
+    ROOT,
+    STATS,
+    keep_sample,
+    ready_program,
+    start_daemon,
+    stop_daemon,
+    value,
+    write,
+)
 
-STATS = Path(os.environ.get("CUSE_KSM_STATS_DIR", "/run/cuse-ksm/ksm"))
 NPAGES = 64
 # The VM is software-emulated: merging 64 pages takes a few passes of a
 # slow Python scanner, so be patient.
 MERGE_TIMEOUT = 120
-
-
-def value(name: str, directory: Path = STATS) -> int:
-    text = (directory / name).read_text()
-    assert text.endswith("\n") and text.count("\n") == 1, repr(text)
-    return int(text)
-
-
-def write(name: str, data: str, directory: Path = STATS) -> int:
-    """Write as ``echo data > file`` does; 0 or the errno."""
-    try:
-        fd = os.open(directory / name, os.O_WRONLY | os.O_TRUNC)
-    except OSError as e:
-        return e.errno or -1
-    try:
-        os.write(fd, data.encode())
-    except OSError as e:
-        return e.errno or -1
-    finally:
-        os.close(fd)
-    return 0
 
 
 def wait_until(check, timeout: float, what: str) -> None:
