@@ -207,32 +207,38 @@ def write_value(engine: Engine, name: str, data: bytes) -> None:
 
 # -- the per-process files -----------------------------------------------------------
 
-REGIONS_HEADER = "sma addr npages merged\n"
-HOST_REGIONS_HEADER = "sma addr npages merged madvise mergeable\n"
+REGIONS_HEADER = "sma addr npages merged mapped\n"
+HOST_REGIONS_HEADER = "sma addr npages merged mapped madvise mergeable\n"
 
 
-def regions_text(slots: list[Slot], host: HostView | None = None) -> bytes:
+def regions_text(engine: Engine, slots: list[Slot], host: HostView | None = None) -> bytes:
     """``processes/<pid>/regions``: a header line, then one line per region.
 
     ``merged`` counts the region's pages that currently map a shared page
-    (the engine's own per-region counter).  In kernel mode two more
+    (the engine's own per-region counter); ``mapped`` how many of its pages
+    are inside a mapping of the process now (read from it for each line;
+    ``-`` once the process is gone): a region mostly unmapped, which
+    REGISTER accepts, shows here.  In kernel mode two more
     columns: ``madvise``, what the caller's MADV_MERGEABLE of the region
     returned ("ok", "pending", or the errno's name, e.g. ENOMEM), and
     ``mergeable``, how many of its pages the host kernel will merge now
     (those in mappings marked VM_MERGEABLE: a MAP_SHARED region shows 0
     after an "ok", because the kernel ignores the advice there).
     """
+    columns = [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged} {_or_dash(engine.mapped_pages(s))}" for s in slots]
     if host is None:
-        lines = [REGIONS_HEADER]
-        lines += [f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged}\n" for s in slots]
-        return "".join(lines).encode()
+        return "".join([REGIONS_HEADER, *(f"{c}\n" for c in columns)]).encode()
     lines = [HOST_REGIONS_HEADER]
     # The slots of one process file: one read of its smaps for all of them.
     tgid = slots[0].space.tgid if slots else 0
     seen = host.mergeable_pages(tgid, [(s.base, s.npages) for s in slots]) if slots else []
-    for s, (_, mergeable) in zip(slots, seen, strict=True):
-        lines.append(f"{s.sma.id} {s.addr:#x} {s.npages} {s.pages_merged} {s.host_advice or '-'} {mergeable}\n")
+    for s, c, (_, mergeable) in zip(slots, columns, seen, strict=True):
+        lines.append(f"{c} {s.host_advice or '-'} {mergeable}\n")
     return "".join(lines).encode()
+
+
+def _or_dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def ksm_stat_text(engine: Engine, tgid: int) -> bytes:
@@ -559,7 +565,7 @@ class ControlTree:
         elif name == "host_ksm_stat" and host is not None:
             yield (host.ksm_stat(tgid) or "").encode()
         else:
-            yield regions_text(self.regions(tgid), host)
+            yield regions_text(self.engine, self.regions(tgid), host)
 
     def write(self, inode: int, data: bytes) -> None:
         value = _INODE_VALUES.get(inode)

@@ -139,10 +139,15 @@ OpenFile = DeviceFile | SmaFile | ScanFile
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out."""
+    """Answer the ioctl: ``result`` is what the caller's ioctl() returns; ``out`` is copied out.
+
+    ``note``: one sentence the user should read in the log, though the call
+    succeeds (REGISTER of a range mostly unmapped).
+    """
 
     result: int
     out: bytes = b""
+    note: str = ""
 
 
 # The answers the busiest calls always give, built once rather than per call.
@@ -185,6 +190,7 @@ class Advise:
     tgid: int
     slot: Slot | None = None  # REGISTER's region
     result: int = 0
+    note: str = ""  # as Done's: logged when the ioctl is served
 
 
 # What madvise achieves, as Slot.host_advice and processes/PID/regions show it:
@@ -355,13 +361,15 @@ class KsmDevice:
             except BaseException:
                 space.close()
                 raise
+            note = self._holes_note(slot)
             if self.host is None or not region.npages:
-                return _SUCCESS  # emulation, or nothing to advise (madvise of 0 bytes is a no-op)
+                # Emulation, or nothing to advise (madvise of 0 bytes is a no-op).
+                return Done(0, note=note) if note else _SUCCESS
             # From the page that holds addr, as the scanner reads it (Slot.base):
             # madvise wants an aligned start, the 2009 driver did not.
             slot.host_advice = ADVICE_PENDING
             start, end = _span(slot)
-            return Advise(((start, end - start),), MADV_MERGEABLE, space.tgid, slot)
+            return Advise(((start, end - start),), MADV_MERGEABLE, space.tgid, slot, note=note)
         if cmd == abi.KSM_REMOVE_MEMORY_REGION:
             gone = list(sma.slots)
             self.engine.remove_regions(sma)
@@ -369,6 +377,28 @@ class KsmDevice:
                 return _SUCCESS
             return self._unmerge(tid, gone) or _SUCCESS
         return Done(QUIRK_SMA_UNKNOWN_COMMAND)
+
+    def _holes_note(self, slot: Slot) -> str:
+        """What to tell the user of a region mostly unmapped (fewer than half its pages), or wrapping the address space.
+
+        The 2009 driver validated nothing and returned 0, and so do we; but
+        a range the program did not mean (a wrong length, an address never
+        mapped) would otherwise only show as memory that never merges.  The
+        scanner passes over its holes (engine/scanner.py); ``regions``
+        shows the mapped count at any time.
+        """
+        if not slot.npages:
+            return ""
+        start, end = _span(slot)
+        wraps = start + slot.npages * abi.PAGE_SIZE > end
+        mapped = self.engine.mapped_pages(slot)
+        if mapped is None or (2 * mapped >= slot.npages and not wraps):
+            return ""
+        what = "wraps the address space" if wraps else "is mostly unmapped"
+        return (
+            f"the region at {slot.addr:#x} of {slot.npages} pages {what}: {mapped} of its pages are mapped "
+            "(REGISTER returns 0 as the 2009 driver did; the scanner passes over the rest)"
+        )
 
     # -- kernel mode ------------------------------------------------------------
 

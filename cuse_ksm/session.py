@@ -138,14 +138,23 @@ class CuseSession:
             if isinstance(outcome, Done):
                 if self.tracing:
                     self._trace(req, outcome.result, outcome.out, started)
+                if outcome.note:
+                    self._note(req, outcome.note)
                 return protocol.reply_ioctl(req.unique, outcome.result, outcome.out)
             if isinstance(outcome, Fetch):
                 # Unrestricted ioctl: the first call carries no data.  Name the
                 # caller's bytes; the kernel copies them (or fails with EFAULT for a
                 # bad pointer, before we hear of it) and calls again.
                 return protocol.reply_ioctl_retry(req.unique, req.arg, outcome.copy_in, outcome.copy_out)
+            if isinstance(outcome, Advise) and outcome.note:
+                self._note(req, outcome.note)
             return (self._borrow(req, outcome),)
         return self._receive_other(req)
+
+    @staticmethod
+    def _note(req: protocol.Ioctl, note: str) -> None:
+        """One warning line about a call that succeeded, naming the call and its caller as the madvise notes do."""
+        log.warning("%s from tid %d: %s", abi.ioctl_name(req.cmd), req.pid, note)
 
     def _receive_other(self, req: protocol.Request) -> Output:
         """Every request but an ioctl once the device is up."""

@@ -98,7 +98,7 @@ async def test_mount_shows_a_running_engines_counters(mounted: tuple[Engine, str
     assert int(await read(f"{path}/full_scans")) >= 2
     assert await read(f"{path}/processes/4242/ksm_merging_pages") == "16\n"
     regions = (await read(f"{path}/processes/4242/regions")).splitlines()
-    assert regions[0] == "sma addr npages merged" and regions[1].split()[1:] == ["0x10000", "17", "16"]
+    assert regions[0] == "sma addr npages merged mapped" and regions[1].split()[1:] == ["0x10000", "17", "16", "17"]
     # The profit files, longer than one number, come through the mount whole.
     stat = controltree.parse_stat(await read(f"{path}/processes/4242/ksm_stat"))
     assert (stat["ksm_rmap_items"], stat["ksm_merging_pages"]) == ("17", "16")
@@ -145,7 +145,7 @@ async def test_any_user_reads_only_root_writes(mounted: tuple[Engine, str]) -> N
     engine, path = mounted
     result = await run("cat", f"{path}/pages_to_scan", f"{path}/processes/4242/regions", user=65534)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("0\nsma addr npages merged\n")
+    assert result.stdout.startswith("0\nsma addr npages merged mapped\n")
     result = await run("sh", "-c", f"echo 5 > {path}/pages_to_scan", user=65534)
     assert result.returncode != 0 and "Permission denied" in result.stderr
     assert engine.kthread.pages_to_scan == 0

@@ -179,7 +179,8 @@ def test_tree_lists_values_and_a_directory_per_process() -> None:
     ]
     assert tree.read(at(tree, "processes/100/ksm_merging_pages")) == b"8\n"
     sma = e.slots[1].sma.id
-    assert tree.read(at(tree, "processes/100/regions")) == f"sma addr npages merged\n{sma} 0x10000 10 8\n".encode()
+    regions = tree.read(at(tree, "processes/100/regions"))
+    assert regions == f"sma addr npages merged mapped\n{sma} 0x10000 10 8 10\n".encode()
     assert tree.read(at(tree, "pages_sharing")) == b"15\n"
     assert tree.path("processes/999") is None and tree.path("nothing") is None
     # REMOVE: the directory goes with the process's last region.
@@ -264,6 +265,23 @@ def test_tree_writes_only_the_knobs() -> None:
     assert exc.value.errno == errno.EACCES
 
 
+def test_regions_show_how_many_of_their_pages_are_mapped() -> None:
+    e = Engine()
+    space = FakeSpace(600)
+    space.add_mapping(0x7F00_0000_0000, 3)
+    space.add_mapping(0x7F00_0000_8000, 1)
+    sma = e.new_sma()
+    e.register(sma, space, 0x1000_0000_0000, 2**32 - 1)  # issue 14: nothing there
+    e.register(sma, space, 0x7F00_0000_0000, 16)  # 3 + 1 of its pages
+    tree = ControlTree(e)
+    assert tree.read(at(tree, "processes/600/regions")).decode().splitlines()[1:] == [
+        f"{sma.id} 0x100000000000 4294967295 0 0",
+        f"{sma.id} 0x7f0000000000 16 0 4",
+    ]
+    space.gone = True  # its process exited; another still holds the SMA fd
+    assert tree.read(at(tree, "processes/600/regions")).decode().splitlines()[2].endswith(" 0 -")
+
+
 def test_a_process_with_several_regions() -> None:
     """Its directory lists every region in registration order; ksm_merging_pages is the engine's per-process figure."""
     e = Engine()
@@ -279,7 +297,7 @@ def test_a_process_with_several_regions() -> None:
     assert tree.read(at(tree, "processes/500/ksm_merging_pages")) == b"7\n"
     assert e.merged_pages_by_tgid() == {500: 7}
     assert tree.read(at(tree, "processes/500/regions")) == (
-        f"sma addr npages merged\n{first.id} 0x40000 4 3\n{second.id} 0x10000 4 4\n".encode()
+        f"sma addr npages merged mapped\n{first.id} 0x40000 4 3 4\n{second.id} 0x10000 4 4 4\n".encode()
     )
     # A process file is no directory, and a directory has no contents.
     with pytest.raises(OSError) as exc:

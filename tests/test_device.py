@@ -18,11 +18,13 @@ class Spaces:
     def __init__(self):
         self.opened: list[FakeSpace] = []
         self.fail: BaseException | None = None
+        self.mappings: list[tuple[int, int]] | None = None  # the callers' mappings (None: all mapped)
 
     def __call__(self, tid):
         if self.fail:
             raise self.fail
         space = FakeSpace(tid)
+        space.mappings = self.mappings
         self.opened.append(space)
         return space
 
@@ -108,6 +110,29 @@ def test_register_records_caller_addr_npages_without_validation(dev, spaces):
     assert [(s.addr, s.npages) for s in sma.slots] == expected
     assert [s.space.tgid for s in sma.slots] == [4242, 4242, 4242]
     assert dev.engine.slots == sma.slots
+
+
+def test_register_of_a_range_mostly_unmapped_returns_0_with_a_note(dev, spaces):
+    fh, sma = new_sma_fh(dev)
+    page = abi.PAGE_SIZE
+    spaces.mappings = [(0x7F00_0000_0000, 0x7F00_0000_0000 + 2 * page)]
+
+    def register(npages, addr):
+        return dev.ioctl(fh, abi.KSM_REGISTER_MEMORY_REGION, 4242, region(npages, addr))
+
+    assert register(2**32 - 1, 0x1000_0000_0000) == Done(
+        0,
+        note="the region at 0x100000000000 of 4294967295 pages is mostly unmapped: 0 of its pages are mapped "
+        "(REGISTER returns 0 as the 2009 driver did; the scanner passes over the rest)",
+    )
+    assert register(4, 0x7F00_0000_0000) == Done(0)  # half mapped: not "mostly unmapped"
+    assert "mostly unmapped: 2 of its pages" in register(5, 0x7F00_0000_0000).note
+    assert register(0, 0x1000) == Done(0)  # nothing registered, nothing to say
+    spaces.mappings = None  # all mapped, up to the top of the address space
+    assert register(64, 0x7F00_0000_0000) == Done(0)
+    wraps = register(32, 2**64 - 16 * page).note
+    assert "of 32 pages wraps the address space: 16 of its pages are mapped" in wraps
+    assert len(sma.slots) == 6  # all registered, as the 2009 driver did
 
 
 def test_register_uses_the_calling_thread_not_the_creator(dev, spaces):

@@ -324,9 +324,9 @@ def test_the_control_files_show_the_host_beside_the_emulation(up: CuseSession, h
     ]
     assert read(f"processes/{A}/host_ksm_merging_pages") == b"4096\n"
     assert read(f"processes/{A}/regions").decode().splitlines() == [
-        "sma addr npages merged madvise mergeable",
-        f"1 {BASE:#x} 16 0 ok 16",
-        f"1 {BASE + 64 * PAGE:#x} 8 0 ENOMEM 3",
+        "sma addr npages merged mapped madvise mergeable",
+        f"1 {BASE:#x} 16 0 16 ok 16",
+        f"1 {BASE + 64 * PAGE:#x} 8 0 8 ENOMEM 3",
     ]
 
 
@@ -358,7 +358,7 @@ def test_emulate_mode_has_no_host_files(up: CuseSession) -> None:
     assert not any(name.startswith("host_") or name == "cross_check" for name, _ in tree.entries(1))
     assert tree.path("host_pages_sharing") is None
     assert tree.path(f"processes/{A}/host_ksm_merging_pages") is None
-    assert tree.read(tree.path(f"processes/{A}/regions") or 0).splitlines()[0] == b"sma addr npages merged"
+    assert tree.read(tree.path(f"processes/{A}/regions") or 0).splitlines()[0] == b"sma addr npages merged mapped"
 
 
 # -- the knobs -------------------------------------------------------------------------------

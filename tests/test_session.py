@@ -20,6 +20,7 @@ from cuse_ksm.engine import Engine
 from cuse_ksm.host.syscall import AT_FDCWD, NR_OPENAT, STACK
 from cuse_ksm.session import HAND_OUT, Borrow, CuseSession, NodeAccess, SetNodeAccess
 from tests.conftest import hand_out, open_fh, sma_of
+from tests.engine.fakes import FakeSpace
 
 TID = 4321
 ARG = 0x7FFF0000  # the caller's pointer argument
@@ -150,6 +151,29 @@ def test_commands_that_need_the_callers_memory_ask_for_it_first(up):
     sma_fh = hand_out(up, TID)[1]
     req = ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION)
     assert up.receive(req) == p.reply_ioctl_retry(req.unique, ARG, abi.STRUCT_SIZE, 0)
+
+
+def test_a_register_mostly_unmapped_is_answered_0_and_logged_once(caplog):
+    caplog.set_level(logging.INFO, logger="cuse_ksm")
+    session = CuseSession(KsmDevice(Engine(), holey_space), devname="ksmtest", dev_dir="/nonexistent")
+    init(session)
+    sma_fh = hand_out(session, TID)[1]
+    data = abi.MemoryRegion(npages=2**32 - 1, addr=0x1000_0000_0000).pack()
+    req = ioctl(sma_fh, abi.KSM_REGISTER_MEMORY_REGION, data=data)
+    assert session.receive(req) == p.reply_ioctl(req.unique, 0)
+    (record,) = [r for r in caplog.records if "unmapped" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith(
+        f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {TID}: the region at 0x100000000000 of 4294967295 pages "
+        "is mostly unmapped: 0 of its pages are mapped"
+    )
+
+
+def holey_space(tid: int) -> FakeSpace:
+    """A caller whose only mapping is one page at 0x7f0000000000."""
+    space = FakeSpace(tid)
+    space.add_mapping(0x7F00_0000_0000, 1)
+    return space
 
 
 # -- the fd hand-out ----------------------------------------------------------------

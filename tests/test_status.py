@@ -39,7 +39,9 @@ def fake_dir(tmp_path: Path, values: dict[str, int] = VALUES) -> Path:
     proc = tmp_path / "processes" / "1234"
     proc.mkdir(parents=True)
     (proc / "ksm_merging_pages").write_text("512\n")
-    (proc / "regions").write_text("sma addr npages merged\n1 0x7f0000000000 500 500\n2 0x7f1000000000 20 12\n")
+    (proc / "regions").write_text(
+        "sma addr npages merged mapped\n1 0x7f0000000000 500 500 500\n2 0x7f1000000000 20 12 20\n"
+    )
     return tmp_path
 
 

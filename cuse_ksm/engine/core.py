@@ -148,6 +148,13 @@ class Engine:
         """The reverse-map item of page ``index`` of ``slot`` (a view, for inspection)."""
         return self.scanner.rmap_item(slot, index)
 
+    def mapped_pages(self, slot: Slot) -> int | None:
+        """Pages of ``slot`` inside a mapping of its process now; None once the process is gone.
+
+        For REGISTER's warning about a range mostly unmapped, and ``processes/PID/regions``.
+        """
+        return self.scanner.mapped_pages(slot)
+
     def survey(self, slot: Slot, *, runs: bool = False) -> PageSurvey:
         """The states of ``slot``'s pages, to be gathered by iterating its ``steps()`` (engine/pages.py)."""
         return PageSurvey(self.scanner.stable, slot, want_runs=runs)

@@ -32,8 +32,8 @@ class AddressSpace(Protocol):
     to its pid), so that a later read can never reach another process that
     reuses the pid.  ``tgid`` is for display and grouping only.
 
-    The scanner needs the two reading methods; the device layer only opens
-    and closes spaces.
+    The scanner needs the reading methods and :meth:`mapped`; the device
+    layer opens and closes spaces, and asks :meth:`mapped` at REGISTER.
     """
 
     tgid: int
@@ -54,6 +54,17 @@ class AddressSpace(Protocol):
 
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if it is present, else None."""
+        ...
+
+    def mapped(self, addr: int, npages: int) -> list[tuple[int, int]] | None:
+        """The parts of [addr, addr + npages pages) inside the process's mappings, now.
+
+        (start, end) addresses, page-aligned, in address order, clipped to
+        the range; nothing beyond the top of the 64-bit address space.  What
+        the scanner needs to pass over holes at once, as today's kernel
+        walks VMAs; read afresh on each call.  None once the address space
+        is gone for good.
+        """
         ...
 
 

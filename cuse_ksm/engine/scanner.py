@@ -27,6 +27,7 @@ figures are those the kernel would show.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import mmap
@@ -99,6 +100,11 @@ class Scanner:
         self._cursor_idx = 0
         # Unstable-tree slot numbers (Slot.no): index -> slot.
         self.numbered: list[Slot | None] = [None]
+        # The mapped runs of the cursor's slot, as page indexes (lows, highs),
+        # read when the cursor enters it (see _at_mapped); None: not read yet.
+        self._spans: tuple[list[int], list[int]] | None = None
+        # The pass under way has scanned a batch (met a page inside a mapping).
+        self._pass_met_mapped = False
         # One page-aligned buffer for all batch reads, and a view of each of
         # its pages, made once (slicing a memoryview copies nothing).
         self._buf = mmap.mmap(-1, BATCH_PAGES * PAGE_SIZE)
@@ -191,20 +197,38 @@ class Scanner:
     # -- the cursor -----------------------------------------------------------------
 
     def step(self, budget: int) -> int:
-        """Scan one batch at the cursor (at most ``budget`` pages); returns the pages stepped over.
+        """Scan one batch at the cursor (at most ``budget`` pages); returns the pages it counts against the budget.
 
-        Pages count against the budget whether present or not, as the
-        driver's loop counted addresses.  Slots whose process is gone, and
-        empty slots, cost nothing.
+        Pages inside a mapping count whether present or not, as the
+        driver's loop counted addresses.  Holes - pages of a region in no
+        mapping of its process - are passed over at once and cost nothing,
+        as today's kernel skips them walking VMAs (:meth:`_at_mapped`).
+        Slots whose process is gone, and empty slots, cost nothing.  A
+        step that passes a hole up to the end of the last region stops at
+        the wrap, as a batch there would: it returns 0, or ``budget`` if
+        the pass just ended met no mapped page at all (nothing to scan
+        anywhere: the round ends, as the kernel's scan ends with an empty
+        pass, rather than spin).
         """
-        slot = self.registry.ring.get(self._cursor_seq)
-        if slot is None or slot.gone or self._cursor_idx >= slot.npages:
-            slot = self._advance()
-            if slot is None:
+        while True:
+            slot = self.registry.ring.get(self._cursor_seq)
+            if slot is None or slot.gone or self._cursor_idx >= slot.npages:
+                slot = self._advance()
+                if slot is None:
+                    return 0
+            end = self._at_mapped(slot)
+            if end:
+                break
+            # The rest of the slot was a hole (or its process is gone).
+            met, scans = self._pass_met_mapped, self.tally.full_scans
+            if self._advance() is None:
                 return 0
+            if self.tally.full_scans != scans:
+                return 0 if met else budget
+        self._pass_met_mapped = True
         idx = self._cursor_idx
         # BATCH_PAGES divides CHUNK_PAGES: a batch never straddles two chunks.
-        n = min(budget, slot.npages - idx, BATCH_PAGES - (idx & (BATCH_PAGES - 1)))
+        n = min(budget, end - idx, BATCH_PAGES - (idx & (BATCH_PAGES - 1)))
         try:
             n = self._scan_batch(slot, idx, n)
             if idx + n > slot.visited:
@@ -239,14 +263,88 @@ class Scanner:
                 if self._cursor_seq:
                     self.tally.full_scans += 1
                     self._reset_unstable()
+                    self._pass_met_mapped = False
                 self._cursor_seq = 0
             seq = ring.keys()[i]
             slot: Slot = ring[seq]
             if not slot.gone and slot.npages > 0:
                 self._cursor_seq = seq
                 self._cursor_idx = 0
+                self._spans = None  # its mappings are read when the cursor first needs them
                 return slot
             i += 1
+
+    # -- holes: pages in no mapping ---------------------------------------------------
+
+    def _at_mapped(self, slot: Slot) -> int:
+        """Move the cursor past any hole it is at; returns the end of the mapped run it is in then.
+
+        0 when the rest of the slot is a hole (the cursor is then at the
+        slot's end) or its process is gone.  The slot's mappings are read
+        once each time the cursor enters it, so a mapping made or removed
+        since is seen by the next pass at the latest; meanwhile a page
+        unmapped reads as not present, as before.
+        """
+        spans = self._spans
+        if spans is None:
+            try:
+                found = slot.space.mapped(slot.base, slot.npages)
+            except Exception:
+                # As a failed batch: counted and logged; the slot is then
+                # scanned page by page, as if all of it were mapped.
+                self.tally.errors += 1
+                log.exception("scanner: the mappings of slot %d could not be read; all its pages are scanned", slot.seq)
+                found = [(slot.base, slot.base + (slot.npages << PAGE_SHIFT))]
+            if found is None:
+                self._space_gone(slot.space)
+                return 0
+            spans = self._spans = _page_spans(found, slot.base, slot.npages)
+        idx = self._cursor_idx
+        lows, highs = spans
+        i = bisect.bisect_right(highs, idx)
+        start = lows[i] if i < len(lows) else slot.npages
+        if start > idx:
+            self._pass_hole(slot, idx, start)
+        return highs[i] if i < len(highs) else 0
+
+    def _pass_hole(self, slot: Slot, lo: int, hi: int) -> None:
+        """Pages [lo, hi) of ``slot`` are in no mapping: the cursor passes them at once.
+
+        What the per-page loop does to a page not present, in bulk: a page
+        with an item loses it (its memory was unmapped since the last
+        pass), a zero-page or unreadable mark goes; nothing else changes,
+        and no page is counted as scanned.  Only chunks that exist are
+        visited, so a hole of four billion pages costs as much as its chunks.
+        """
+        chunks = slot.chunks
+        if chunks:
+            c_lo, c_hi = lo >> CHUNK_SHIFT, ((hi - 1) >> CHUNK_SHIFT) + 1
+            if c_hi - c_lo <= len(chunks):
+                cis = [ci for ci in range(c_lo, c_hi) if ci in chunks]
+            else:
+                cis = sorted(ci for ci in chunks if c_lo <= ci < c_hi)
+            for ci in cis:
+                chunk = chunks[ci]
+                first = ci << CHUNK_SHIFT
+                a, b = max(lo, first) - first, min(hi, first + CHUNK_PAGES) - first
+                state = chunk.state
+                for m in _MARKS.finditer(state[a:b].tobytes()):
+                    for k in range(a + m.start(), a + m.end()):
+                        if state[k] & ITEM_MASK:
+                            self._drop_item(slot, chunk, k)
+                        else:
+                            state[k] = NO_ITEM
+        if hi > slot.visited:
+            slot.visited = hi
+        self._cursor_idx = hi
+
+    def mapped_pages(self, slot: Slot) -> int | None:
+        """How many pages of ``slot`` are inside a mapping of its process now (None: its process is gone)."""
+        found = slot.space.mapped(slot.base, slot.npages)
+        if found is None:
+            return None
+        lows, highs = _page_spans(found, slot.base, slot.npages)
+        return sum(highs) - sum(lows)
 
     # -- cmp_and_merge_page, one batch at a time ---------------------------------
 
@@ -454,3 +552,20 @@ class Scanner:
         slot.pages_merged += 1
         kpage.sharers = 2
         self.tally.sharers += 2
+
+
+def _page_spans(found: list[tuple[int, int]], base: int, npages: int) -> tuple[list[int], list[int]]:
+    """Mapped address ranges within a slot as page indexes from ``base``: (lows, highs), clipped to [0, npages)."""
+    lows: list[int] = []
+    highs: list[int] = []
+    for start, end in found:
+        lo = max(start - base, 0) >> PAGE_SHIFT
+        hi = min((end - base + PAGE_SIZE - 1) >> PAGE_SHIFT, npages)
+        if hi <= lo:
+            continue
+        if highs and lo <= highs[-1]:  # touching or overlapping the previous run: one run
+            highs[-1] = max(highs[-1], hi)
+        else:
+            lows.append(lo)
+            highs.append(hi)
+    return lows, highs

@@ -10,6 +10,11 @@ the padding around them is dropped.
 
 from __future__ import annotations
 
+import re
+
+# A mapping's line in /proc/<pid>/maps (and the header lines of smaps): "start-end perms ...".
+_MAPPING = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) ", re.MULTILINE)
+
 
 def read(tid: int, name: str) -> str | None:
     """The text of /proc/<tid>/<name>, or None when the thread is gone (or the kernel has no such file)."""
@@ -38,3 +43,8 @@ def tgid(tid: int) -> int:
     if fields is None:
         raise ProcessLookupError(f"thread {tid} is gone")
     return int(fields["Tgid"])
+
+
+def mappings(maps: bytes) -> list[tuple[int, int]]:
+    """[start, end) of each mapping in the text of /proc/<pid>/maps, in address order (as the kernel lists them)."""
+    return [(int(start, 16), int(end, 16)) for start, end in _MAPPING.findall(maps)]

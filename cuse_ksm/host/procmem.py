@@ -5,10 +5,10 @@ its tid names it without ambiguity.  We open, in this order:
 
 1. a pidfd of its thread group: it names the process, not a number, and
    polls readable once the process has exited;
-2. ``/proc/<tid>/pagemap`` and ``/proc/<tid>/mem``: opening each takes a
-   reference on the process's ``mm_struct`` (``proc_mem_open``), and reads
-   through these fds see that mm or nothing - never another process's
-   memory, even after pid reuse or exec.
+2. ``/proc/<tid>/pagemap``, ``/proc/<tid>/mem`` and ``/proc/<tid>/maps``:
+   opening each takes a reference on the process's ``mm_struct``
+   (``proc_mem_open``), and reads through these fds see that mm or nothing -
+   never another process's memory, even after pid reuse or exec.
 
 Then we check the pidfd once more: if the process died between the opens,
 the fds might belong to a successor with the same pid, so we refuse.  From
@@ -16,6 +16,11 @@ then on the fds, not the pid, identify the memory.
 
 Reading (the scanner's side)
 ----------------------------
+
+Before a pass enters a region, the scanner asks which parts of it are
+mapped (:meth:`ProcessMemory.mapped`), through the pinned maps fd, so
+that holes - addresses in no mapping - are passed over without a pagemap
+read, as today's kernel walks VMAs.
 
 For each batch the scanner asks for, we first read the batch's pagemap
 entries through the pinned fd.  Only pages whose "present" bit is set are
@@ -50,10 +55,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import re
 import select
+import struct
 from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
@@ -132,6 +139,20 @@ def _address_of(buf: mmap.mmap) -> int:
 
 
 _page_buf = mmap.mmap(-1, PAGE_SIZE)
+# One read of a maps file (the kernel hands out about a page a read).
+_MAPS_READ = 1 << 16
+# PROCMAP_QUERY (Linux 6.11+, include/uapi/linux/fs.h): an ioctl on a maps
+# fd that returns the mapping covering an address, or the next one, as
+# numbers: ~2 us a mapping where the text of all of them costs ~150 us.
+# struct procmap_query: size, query_flags, query_addr, vma_start, vma_end,
+# vma_flags, vma_page_size, vma_offset, inode (u64); dev_major, dev_minor,
+# vma_name_size, build_id_size (u32); vma_name_addr, build_id_addr (u64).
+_PROCMAP_QUERY = struct.Struct("<9Q4I2Q")
+_PROCMAP_QUERY_IOCTL = 0xC0000000 | (_PROCMAP_QUERY.size << 16) | (ord("f") << 8) | 17  # _IOWR('f', 17, ...)
+_COVERING_OR_NEXT_VMA = 0x10
+_QUERY_ZEROS = (0,) * 12
+# False once this kernel turned PROCMAP_QUERY down (ENOTTY): the text is read.
+_procmap_query = True
 
 
 def pidfd_exited(pidfd: int) -> bool:
@@ -150,6 +171,7 @@ class ProcessMemory:
     pidfd: int
     pagemap_fd: int
     mem_fd: int
+    maps_fd: int
     closed: bool = field(default=False)
 
     @classmethod
@@ -165,7 +187,7 @@ class ProcessMemory:
             raise ProcessLookupError(f"thread {tid} is gone") from e
         fds = [pidfd]
         try:
-            for name in ("pagemap", "mem"):
+            for name in ("pagemap", "mem", "maps"):
                 fds.append(os.open(f"/proc/{tid}/{name}", os.O_RDONLY | os.O_CLOEXEC))
         except (FileNotFoundError, ProcessLookupError) as e:
             for fd in fds:
@@ -175,7 +197,7 @@ class ProcessMemory:
             for fd in fds:
                 os.close(fd)
             raise
-        space = cls(tgid, tid, pidfd, fds[1], fds[2])
+        space = cls(tgid, tid, pidfd, fds[1], fds[2], fds[3])
         if pidfd_exited(pidfd):
             space.close()
             raise ProcessLookupError(f"process {tgid} exited while registering")
@@ -274,6 +296,74 @@ class ProcessMemory:
                 break
         return got
 
+    def mapped(self, addr: int, npages: int) -> list[tuple[int, int]] | None:
+        """The parts of [addr, addr + npages pages) inside the process's mappings now, or None once its mm is gone.
+
+        Through the pinned maps fd: PROCMAP_QUERY where the kernel has it
+        (one ioctl per mapping met), else its text, read whole.  A mm with
+        no users left answers ESRCH or reads as empty; the check then tells
+        that from a process with nothing mapped there.
+        """
+        global _procmap_query
+        if self.closed:
+            return None
+        end = min(addr + npages * PAGE_SIZE, 1 << 64)
+        try:
+            if _procmap_query:
+                try:
+                    return self._query(addr, end)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTTY, errno.EINVAL):
+                        raise
+                    _procmap_query = False  # before Linux 6.11: read the text
+            found = procfs.mappings(self._read_maps())
+        except OSError:
+            if not self.alive():
+                return None  # the mm is gone: ESRCH
+            raise
+        if not found and not self.alive():
+            return None  # a mm with no users left reads as empty
+        out = []
+        for low, high in found:
+            if low >= end:  # in address order: none further can overlap
+                break
+            lo, hi = max(low, addr), min(high, end)
+            if lo < hi:
+                out.append((lo, hi))
+        return out
+
+    def _query(self, addr: int, end: int) -> list[tuple[int, int]]:
+        """The mapped parts of [addr, end) through PROCMAP_QUERY: one ioctl per mapping met, no text."""
+        out: list[tuple[int, int]] = []
+        at = addr
+        while at < end:
+            query = bytearray(_PROCMAP_QUERY.pack(_PROCMAP_QUERY.size, _COVERING_OR_NEXT_VMA, at, *_QUERY_ZEROS))
+            try:
+                fcntl.ioctl(self.maps_fd, _PROCMAP_QUERY_IOCTL, query, True)
+            except OSError as e:
+                if e.errno == errno.ENOENT:  # no mapping at or after ``at``
+                    break
+                raise
+            low, high = _PROCMAP_QUERY.unpack_from(query)[3:5]
+            if low >= end:
+                break
+            low = max(low, at)
+            if out and out[-1][1] == low:
+                out[-1] = (out[-1][0], min(high, end))  # adjacent mappings: one run
+            else:
+                out.append((low, min(high, end)))
+            at = high
+        return out
+
+    def _read_maps(self) -> bytes:
+        """The text of the pinned maps file: read() from the start to the end (a seq_file: preads at an
+        offset would each walk the mappings from the first)."""
+        os.lseek(self.maps_fd, 0, os.SEEK_SET)
+        parts = []
+        while got := os.read(self.maps_fd, _MAPS_READ):
+            parts.append(got)
+        return b"".join(parts)
+
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if present (never faulted in), else None."""
         present = self.read_pages(addr, 1, _page_buf)
@@ -287,3 +377,4 @@ class ProcessMemory:
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
             os.close(self.mem_fd)
+            os.close(self.maps_fd)

@@ -26,6 +26,9 @@ class FakeSpace:
 
     Pages in ``zero`` read as mapping the kernel's zero page, those in
     ``unreadable`` as present but failing to read (PAGE_ZERO, PAGE_UNREADABLE).
+    Mappings: every address is mapped until :meth:`add_mapping` declares one;
+    from then on only the declared ranges are (:meth:`mapped`), and
+    :meth:`munmap` takes ranges and their pages away again.
     """
 
     def __init__(self, tgid: int = 1000) -> None:
@@ -37,6 +40,24 @@ class FakeSpace:
         self.closes = 0  # how many times close() was called: an engine closes a space once
         self.reads = 0
         self.fail: BaseException | None = None
+        self.mappings: list[tuple[int, int]] | None = None  # [start, end) addresses; None: all mapped
+        self.mapped_calls = 0
+
+    def add_mapping(self, addr: int, npages: int) -> None:
+        """Declare [addr, addr + npages pages) mapped (its pages stay not present until written)."""
+        self.mappings = sorted([*(self.mappings or []), (addr, addr + npages * PAGE_SIZE)])
+
+    def munmap(self, addr: int, npages: int) -> None:
+        """Unmap [addr, addr + npages pages): the range leaves the mappings, its pages go."""
+        end = addr + npages * PAGE_SIZE
+        kept: list[tuple[int, int]] = []
+        for start, stop in self.mappings or [(0, 1 << 64)]:
+            kept += [r for r in ((start, min(stop, addr)), (max(start, end), stop)) if r[0] < r[1]]
+        self.mappings = kept
+        self.unmap(addr, npages)
+        gone = {addr + i * PAGE_SIZE for i in range(npages)}
+        self.zero -= gone
+        self.unreadable -= gone
 
     def map(self, addr: int, contents: list[bytes]) -> None:
         for i, data in enumerate(contents):
@@ -75,6 +96,18 @@ class FakeSpace:
                 into[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
                 present[i] = PAGE_COPIED
         return bytes(present)
+
+    def mapped(self, addr: int, npages: int) -> list[tuple[int, int]] | None:
+        if self.gone:
+            return None
+        self.mapped_calls += 1
+        end = min(addr + npages * PAGE_SIZE, 1 << 64)
+        out = []
+        for start, stop in self.mappings if self.mappings is not None else [(0, 1 << 64)]:
+            lo, hi = max(start, addr), min(stop, end)
+            if lo < hi:
+                out.append((lo, hi))
+        return out
 
     def read_page(self, addr: int) -> bytes | None:
         if self.gone or addr in self.zero or addr in self.unreadable:

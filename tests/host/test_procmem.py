@@ -13,6 +13,7 @@ import pytest
 from cuse_ksm.abi import PAGE_SIZE, PAGE_ZERO
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
+from cuse_ksm.host import procmem
 from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.conftest import needs_root
 from tests.engine.fakes import full_scans
@@ -234,3 +235,43 @@ def test_exit_unmap_and_remove_mid_scan(children: list[Child]) -> None:
     cnt = engine.counters()
     assert (cnt.pages_shared, cnt.pages_sharing, cnt.pages_unshared, cnt.pages_volatile) == (0, 0, 0, 0)
     assert engine.errors == 0
+
+
+@pytest.mark.parametrize("query", [True, False], ids=["PROCMAP_QUERY", "text"])
+def test_mapped_reads_the_mappings_through_the_pinned_maps_fd(
+    children: list[Child], query: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(procmem, "_procmap_query", query)  # the text: kernels before 6.11, as the VM's 6.1
+    child = spawn(children, 64)
+    child.fill(0, 64, 1)
+    with closing(ProcessMemory.open(child.pid)) as space:
+        assert space.mapped(child.addr, 64) == [(child.addr, child.page_addr(64))]
+        child.unmap(16, 16)
+        assert space.mapped(child.addr, 64) == [
+            (child.addr, child.page_addr(16)),
+            (child.page_addr(32), child.page_addr(64)),
+        ]
+        assert space.mapped(child.page_addr(16), 16) == []
+        # A range past the top of the address space has nothing mapped, and no error.
+        assert space.mapped((1 << 64) - 4 * PAGE_SIZE, 2**32 - 1) == []
+        child.exec_sleep()
+        assert space.mapped(child.addr, 64) is None  # the mm we pinned is gone, the pid lives on
+
+
+def test_the_issues_example_merges_within_two_passes_over_a_real_process(children: list[Child]) -> None:
+    """Issue 14: 2^32-1 pages at an unmapped address registered first, then 256 identical pages."""
+    child = spawn(children, 256)
+    child.fill(0, 256, 7)
+    hole = 0x1000_0000_0000
+    engine = Engine()
+    space = ProcessMemory.open(child.pid)
+    assert space.mapped(hole, 2**32 - 1) == [], "the test needs this range unmapped"
+    sma = engine.new_sma()
+    engine.register(sma, space, hole, 2**32 - 1)
+    engine.register(sma, space, child.addr, 256)
+    assert engine.scan_now(512) == 512  # two passes of the real pages, as two rounds of `ksmctl start 256 ...`
+    c = engine.counters()
+    assert (c.pages_shared, c.pages_sharing, c.pages_scanned) == (1, 255, 512)
+    assert [engine.mapped_pages(s) for s in engine.slots] == [0, 256]
+    check_engine(engine)
+    engine.remove_regions(sma)

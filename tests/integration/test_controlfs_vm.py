@@ -110,8 +110,8 @@ def test_pages_sharing_reaches_n_minus_one_for_identical_pages(merger):
     assert [p.name for p in (STATS / "processes").iterdir()] == [str(pid)]
     assert value("ksm_merging_pages", procdir) == NPAGES
     lines = (procdir / "regions").read_text().splitlines()
-    assert lines[0] == "sma addr npages merged"
-    assert lines[1].split()[1:] == [f"{addr:#x}", str(NPAGES), str(NPAGES)]
+    assert lines[0] == "sma addr npages merged mapped"
+    assert lines[1].split()[1:] == [f"{addr:#x}", str(NPAGES), str(NPAGES), str(NPAGES)]
     # Today's profit figures: every page seen (64 rmap items), all merged into one.
     assert (procdir / "ksm_stat").read_text() == (
         f"ksm_rmap_items {NPAGES}\n"

@@ -50,7 +50,7 @@ from tests.integration.conftest import (
 )
 
 MERGE_TIMEOUT = 300  # seconds for the VM kernel's ksmd to merge, under software emulation
-REGIONS_HEADER = "sma addr npages merged madvise mergeable"
+REGIONS_HEADER = "sma addr npages merged mapped madvise mergeable"
 
 
 @pytest.fixture(scope="module")
@@ -229,9 +229,9 @@ def test_registered_memory_is_merged_by_the_kernel_and_remove_unmerges(kd: Kerne
     sharing0 = sys_int("pages_sharing")
     with Merger(kd, 64, memcg) as m:
         assert m.npages == 16384
-        wait_for(lambda: regions(kd, m.pid)[0][4] != "pending", what="the madvise")
+        wait_for(lambda: regions(kd, m.pid)[0][5] != "pending", what="the madvise")
         (row,) = regions(kd, m.pid)
-        assert row[4:] == ["ok", str(m.npages)], row  # madvised, and every page is in a mergeable mapping
+        assert row[4:] == [str(m.npages), "ok", str(m.npages)], row  # all mapped, madvised, all in a mergeable mapping
         before = (charged_kib(memcg), free_kib())
         m("start")
         wait_merged(m)
@@ -346,8 +346,8 @@ def test_register_of_an_unmapped_range_is_logged_and_shown(kd: KernelDaemon) -> 
         )
         assert "WARNING" in line and "ENOMEM" in line and "not mapped" in line, line
         mapped, unmapped = regions(kd, c.pid)
-        assert mapped[4:] == ["ok", "0"], mapped  # advised, then unmapped: nothing left to merge
-        assert unmapped[4:] == ["ENOMEM", "0"], unmapped
+        assert mapped[4:] == ["0", "ok", "0"], mapped  # advised, then unmapped: nothing left to merge
+        assert unmapped[4:] == ["0", "ENOMEM", "0"], unmapped
         assert c("api") == "ok 1"
 
 
@@ -358,7 +358,7 @@ def test_register_of_a_shared_mapping_is_logged_and_shown(kd: KernelDaemon) -> N
         line = wait_for_log(kd, f"KSM_REGISTER_MEMORY_REGION[2009-03] from tid {c.pid}: only 0 of the region's 8 pages")
         assert "WARNING" in line and "(8 mapped)" in line and "shared" in line, line
         (row,) = regions(kd, c.pid)
-        assert row[4:] == ["ok", "0"], row  # madvise said 0, and the kernel ignores it
+        assert row[4:] == ["8", "ok", "0"], row  # mapped, madvise said 0, and the kernel ignores it
         assert c("api") == "ok 1"
 
 
@@ -382,7 +382,7 @@ def test_register_from_a_traced_caller_is_logged_and_shown(kd: KernelDaemon) -> 
         assert "WARNING" in line and "failed with EBUSY" in line, line
         assert f"thread {child} is already being traced by pid {tracer}" in line, line
         (row,) = regions(kd, child)
-        assert row[4:] == ["EBUSY", "0"], row
+        assert row[5:] == ["EBUSY", "0"], row
         proc.stdin.close()
         out = proc.stdout.read()
         assert proc.wait(timeout=30) == 0, "".join(lines) + out
@@ -398,9 +398,9 @@ def assert_still_borrows(kd: KernelDaemon) -> None:
     with Client(kd.device) as c:
         assert c("sma").startswith("ok ")
         assert c("reg 8 0x63").startswith("ok ")
-        wait_for(lambda: regions(kd, c.pid)[0][4] != "pending", what="the madvise")
+        wait_for(lambda: regions(kd, c.pid)[0][5] != "pending", what="the madvise")
         (row,) = regions(kd, c.pid)
-        assert row[4:] == ["ok", "8"], row
+        assert row[4:] == ["8", "ok", "8"], row
 
 
 def test_after_the_failures_the_daemon_still_merges(kd: KernelDaemon) -> None:
