@@ -38,7 +38,7 @@ def _tail8(npages: int) -> list[bytes]:
 
 def _crosscheck(pattern: str, npages: int) -> list[bytes]:
     """tests/c/ksm_crosscheck.c's patterns (zeroread's read-only pages are set apart by the caller)."""
-    out = []
+    out: list[bytes] = []
     for i in range(npages):
         p = bytearray(b"\x6b" * PAGE_SIZE)
         if pattern == "half":
@@ -101,7 +101,7 @@ def _run(layout: str, budget: int | None) -> list[tuple[int, ...]]:
     space = _space(layout)
     engine = Engine()
     slot = engine.register(engine.new_sma(), space, ADDR, LAYOUTS[layout])
-    out = []
+    out: list[tuple[int, ...]] = []
     writes = 0
     for _ in range(PASSES):
         scans = engine.counters().full_scans
