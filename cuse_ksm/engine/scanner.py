@@ -92,7 +92,7 @@ class Scanner:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.stable = StableTree()
-        self.unstable = UnstableTree()
+        self.unstable = UnstableTree(self._entry_digest)
         self.tally = Tally()
         # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
         self.max_kernel_pages = 0
@@ -435,6 +435,14 @@ class Scanner:
         if chunk is None:
             return None
         return slot, chunk, idx & CHUNK_MASK
+
+    def _entry_digest(self, loc: int) -> int | None:
+        """The digest the unstable tree's entry at ``loc`` went in with, if that page is still in the tree."""
+        found = self._locate(loc)
+        if found is None:
+            return None
+        _, chunk, k = found
+        return chunk.word[k] if chunk.state[k] == UNSTABLE else None
 
     def _same_page(self, loc: int, checksum: int, page: memoryview) -> bool:
         """Unstable-tree match check: is the page at ``loc`` still there and identical to ``page``?
