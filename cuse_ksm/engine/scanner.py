@@ -35,6 +35,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 
 from xxhash import xxh3_64_intdigest
 
@@ -84,6 +85,16 @@ BATCH_PAGES = CHUNK_PAGES // 2
 # ... and a batch stops early when it runs longer than this (merges re-read
 # pages one at a time, which is slower than the common path).
 BATCH_SECONDS = 0.0005
+# ... or when the scanner's driver says something else is waiting to run
+# (Scanner.interrupt: in the daemon, a request on the CUSE channel).  It is
+# asked every INTERRUPT_PAGES pages, and not before that many pages of the
+# batch are done, so that a driver that always has something waiting (a
+# client calling ioctls back to back) still lets the scan move on.
+INTERRUPT_PAGES = 16
+
+
+def _never() -> bool:
+    return False
 
 
 class Scanner:
@@ -96,6 +107,9 @@ class Scanner:
         self.tally = Tally()
         # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
         self.max_kernel_pages = 0
+        # Asked between pages of a batch: True ends the batch early, at the
+        # page it has reached (see INTERRUPT_PAGES).  Set by the driver.
+        self.interrupt: Callable[[], bool] = _never
         # The cursor: the ring key of the slot it is in, and the page index.
         self._cursor_seq = 0  # 0: before the first slot
         self._cursor_idx = 0
@@ -309,11 +323,15 @@ class Scanner:
         same = self._same_page
         clock = time.perf_counter
         deadline = clock() + BATCH_SECONDS
+        interrupt = self.interrupt
         loc0 = (slot.no << 32) | idx
         d_items = d_unshared = d_sharers = d_merged = scanned = 0
 
         for j in range(n):
-            if j and not j & 31 and clock() > deadline:
+            # Stopping between two pages is always safe: the batch's counts
+            # are folded in below for the pages done, and the cursor moves
+            # past those only (step), so the rest is scanned next time.
+            if j and not j & (INTERRUPT_PAGES - 1) and (clock() > deadline or interrupt()):
                 n = j
                 break
             k = k0 + j

@@ -96,10 +96,16 @@ def _states(slot: Slot) -> int:
     return zlib.crc32(b"".join(bytes(slot.chunks[ci].state) for ci in sorted(slot.chunks)))
 
 
-def _run(layout: str, budget: int | None) -> list[tuple[int, ...]]:
-    """The counters (and pages merged in the slot) after each of PASSES full scans."""
+def _run(layout: str, budget: int | None, *, interrupted: bool = False) -> list[tuple[int, ...]]:
+    """The counters (and pages merged in the slot) after each of PASSES full scans.
+
+    ``interrupted``: a request is always waiting, so every batch ends at the
+    first page where the scanner asks (Engine.interrupt_when).
+    """
     space = _space(layout)
     engine = Engine()
+    if interrupted:
+        engine.interrupt_when(lambda: True)
     slot = engine.register(engine.new_sma(), space, ADDR, LAYOUTS[layout])
     out: list[tuple[int, ...]] = []
     writes = 0
@@ -278,3 +284,8 @@ EXPECTED: dict[tuple[str, int | None], list[tuple[int, ...]]] = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_counters_after_each_pass_as_before(layout: str, budget: int | None) -> None:
     assert _run(layout, budget) == EXPECTED[layout, budget]
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_batches_cut_short_by_requests_find_the_same(layout: str) -> None:
+    assert _run(layout, None, interrupted=True) == EXPECTED[layout, None]
