@@ -77,6 +77,7 @@ _PLAIN_READ = bytes((0, PAGE_COPIED))  # what a read without zero or unreadable 
 _MARKS = re.compile(rb"[^\x00]+")
 _NO_ITEMS = array("B", bytes(CHUNK_PAGES))
 _ITEMS = array("B", bytes((ITEM,)) * CHUNK_PAGES)
+_GATE_STATES = bytes((ITEM, UNSTABLE))  # a page in one of these states, unchanged, goes to the unstable tree
 
 # A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
 # processing, about 0.5 ms: the unit of work between two chances for the
@@ -327,7 +328,46 @@ class Scanner:
         loc0 = (slot.no << 32) | idx
         d_items = d_unshared = d_sharers = d_merged = scanned = 0
 
-        for j in range(n):
+        j0 = 0  # the loop below starts here
+        if (
+            present is found
+            and found.count(PAGE_COPIED) == n
+            and not state[k0 : k0 + n].tobytes().translate(None, _GATE_STATES)
+            and word[k0 : k0 + n] == array("Q", hashes)
+            and stable_digests.isdisjoint(hashes)
+        ):
+            # Every page is present, has an item in no tree (or went into the
+            # unstable tree last pass) and the digest it had then, and none
+            # can match the stable tree: each passes the checksum gate and
+            # goes to the unstable tree (step 4), which the loop below would
+            # find out page by page.  A match makes a new shared page, which a
+            # later page of the batch may equal: from there on the loop below,
+            # which searches the stable tree first, takes over.
+            for j in range(n):
+                if j and not j & (INTERRUPT_PAGES - 1) and (clock() > deadline or interrupt()):
+                    n = j0 = j
+                    break
+                k = k0 + j
+                h = hashes[j]
+                other = unstable_search_insert(h, loc0 + j, pages[j], same)
+                if not other:
+                    if state[k] != UNSTABLE:
+                        state[k] = UNSTABLE
+                        d_unshared += 1
+                    continue
+                if state[k] == UNSTABLE:
+                    d_unshared -= 1
+                    state[k] = ITEM
+                self.tally.unshared += d_unshared
+                d_unshared = 0
+                self._merge_pair(slot, chunk, k, h, pages[j].tobytes(), other)
+                j0 = j + 1
+                break
+            else:
+                j0 = n
+            scanned = j0
+
+        for j in range(j0, n):
             # Stopping between two pages is always safe: the batch's counts
             # are folded in below for the pages done, and the cursor moves
             # past those only (step), so the rest is scanned next time.
