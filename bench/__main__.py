@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line + ("" if quiet else "  (machine busy: other load during this measurement)"))
         print(_line("time", we.seconds, wk.seconds if wk else None))
         print(_line("CPU (emulator process / ksmd thread)", we.cpu_seconds, wk.cpu_seconds if wk else None))
+        rate = f"  scan rate: emulator {we.pages_scanned / we.seconds / 1e6:.2f} M pages/s"
+        if wk:
+            rate += f", kernel {wk.pages_scanned / wk.seconds / 1e6:.2f} M pages/s"
+        print(rate)
         out["tail8"] = {"emulator": asdict(we), "kernel": asdict(wk) if wk else None}
         print(_ratio("worst case", "emulator/kernel", we.seconds, wk.seconds if wk else None, "time for two passes"))
 
@@ -229,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             w.stop()
         out["latency"] = [asdict(x) for x in lat]
         for x in lat:
-            print(f"  {x.label:<44} {x.p50_us:8.0f} / {x.p99_us:8.0f} / {x.max_us:8.0f} us  ({x.samples} samples)")
+            rate = f", scanning {x.pages_per_s / 1e6:.2f} M pages/s" if x.pages_per_s else ""
+            print(
+                f"  {x.label:<44} {x.p50_us:8.0f} / {x.p99_us:8.0f} / {x.max_us:8.0f} us  ({x.samples} samples{rate})"
+            )
         p99 = {x.label: x.p99_us for x in lat}
         busy, idle = p99["fd round trip, scanner at full speed"], p99["fd round trip, scanner idle"]
         print(_ratio("latency", "busy/idle", busy, idle, "fd round trip p99"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -186,15 +188,19 @@ def measure_memory(workload: Workload, passes: int = 3) -> MemoryRun:
 CLIENT_SOURCE = r"""
 import os, random, sys, time
 rfd, wfd, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+hammer = sys.argv[4] == "1"  # back to back, no pause between requests
 rtts = []
 end = time.perf_counter() + seconds
 rng = random.Random(7)
 while time.perf_counter() < end:
-    time.sleep(rng.uniform(0.001, 0.003))
+    if not hammer:
+        time.sleep(rng.uniform(0.001, 0.003))
     t = time.perf_counter()
     os.write(wfd, b"?")
     assert os.read(rfd, 64)
     rtts.append(time.perf_counter() - t)
+os.close(wfd)  # before printing: a long list would fill the stdout pipe the parent reads only after this
+os.close(rfd)
 print(" ".join(f"{x:.7f}" for x in rtts), flush=True)
 """
 
@@ -206,12 +212,13 @@ class Latency:
     p50_us: float
     p99_us: float
     max_us: float
+    pages_per_s: float = 0.0  # the scanner's rate meanwhile (0: scanner idle)
 
     @classmethod
-    def of(cls, label: str, seconds: list[float]) -> Latency:
+    def of(cls, label: str, seconds: list[float], pages_per_s: float = 0.0) -> Latency:
         us = sorted(x * 1e6 for x in seconds)
         q = statistics.quantiles(us, n=100, method="inclusive")
-        return cls(label, len(us), statistics.median(us), q[98], us[-1])
+        return cls(label, len(us), statistics.median(us), q[98], us[-1], pages_per_s)
 
 
 def _get_info(device: KsmDevice, fh: int) -> bytes:
@@ -229,7 +236,17 @@ def _get_info(device: KsmDevice, fh: int) -> bytes:
 
 
 def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency]:
-    """Scheduling latency in the loop and fd round trips, scanner idle then at full speed."""
+    """Scheduling latency in the loop and fd round trips, scanner idle then at full speed.
+
+    The scanner is told when a request waits on the client's pipe, as the
+    daemon tells it of the CUSE channel (kksmd.run's ``pending``).  Last, a
+    client that sends its requests back to back: every one must be
+    answered, and the scanner's rate meanwhile shows whether it still moves.
+    """
+    watched = select.poll()
+
+    def pending() -> bool:
+        return bool(watched.poll(0))
 
     async def main() -> list[Latency]:
         engine = Engine()
@@ -249,16 +266,17 @@ def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency
                 late.append(t - target)
             return late
 
-        async def round_trips(duration: float) -> list[float]:
+        async def round_trips(duration: float, hammer: bool = False) -> list[float]:
             to_client_r, to_client_w = os.pipe()
             to_us_r, to_us_w = os.pipe()
             client = subprocess.Popen(
-                [sys.executable, "-c", CLIENT_SOURCE, str(to_client_r), str(to_us_w), str(duration)],
+                [sys.executable, "-c", CLIENT_SOURCE, str(to_client_r), str(to_us_w), str(duration), str(int(hammer))],
                 pass_fds=(to_client_r, to_us_w),
                 stdout=subprocess.PIPE,
             )
             os.close(to_client_r)
             os.close(to_us_w)
+            watched.register(to_us_r, select.POLLIN)
             try:
                 while True:
                     await trio.lowlevel.wait_readable(to_us_r)
@@ -266,6 +284,7 @@ def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency
                         break
                     os.write(to_client_w, _get_info(device, fh)[:1])
             finally:
+                watched.unregister(to_us_r)
                 os.close(to_us_r)
                 os.close(to_client_w)
             assert client.stdout is not None
@@ -273,15 +292,28 @@ def measure_latency(workload: Workload, *, seconds: float = 3.0) -> list[Latency
             client.wait()
             return [float(x) for x in data.split()]
 
+        def rate_since(mark: tuple[int, float]) -> float:
+            return (engine.counters().pages_scanned - mark[0]) / (time.perf_counter() - mark[1])
+
+        def now() -> tuple[int, float]:
+            return engine.counters().pages_scanned, time.perf_counter()
+
         async with trio.open_nursery() as nursery:
-            await nursery.start(kksmd.run, engine)
+            await nursery.start(functools.partial(kksmd.run, engine, pending=pending))
             # Idle: registered, scanner stopped.
             results.append(Latency.of("in-loop scheduling, scanner idle", await scheduling(seconds)))
             results.append(Latency.of("fd round trip, scanner idle", await round_trips(seconds)))
             # Busy: full speed over the whole workload, pass after pass.
             engine.set_kthread(sleep=0, pages_to_scan=100_000, flags=abi.KSM_CONTROL_FLAGS_RUN)
-            results.append(Latency.of("in-loop scheduling, scanner at full speed", await scheduling(seconds)))
-            results.append(Latency.of("fd round trip, scanner at full speed", await round_trips(seconds)))
+            mark = now()
+            late = await scheduling(seconds)
+            results.append(Latency.of("in-loop scheduling, scanner at full speed", late, rate_since(mark)))
+            mark = now()
+            rtts = await round_trips(seconds)
+            results.append(Latency.of("fd round trip, scanner at full speed", rtts, rate_since(mark)))
+            mark = now()
+            rtts = await round_trips(seconds, hammer=True)
+            results.append(Latency.of("fd round trip, client back to back", rtts, rate_since(mark)))
             scans = engine.counters().full_scans
             nursery.cancel_scope.cancel()
         assert scans >= 1, "the scanner did not get through a pass while measuring"

@@ -12,6 +12,7 @@ a caller's thread) are chosen here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import functools
 import grp
 import logging
 import os
@@ -218,7 +219,7 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
                 # In kernel mode the host's ksmd does the merging; our scanner
                 # would only recount it, at the cost of a whole CPU taken from
                 # ksmd (docs/benchmarks.md, "Really merging").
-                await nursery.start(kksmd.run, engine)
+                await nursery.start(functools.partial(kksmd.run, engine, pending=server.waiting))
             if stats_dir:
                 # Imported here: pyfuse3 (libfuse3) is needed only by a daemon that mounts.
                 from cuse_ksm import controlfs

@@ -81,6 +81,10 @@ class Server:
 
     # -- the channel ------------------------------------------------------------
 
+    def waiting(self) -> bool:
+        """A request is queued on the channel (one poll(2), ~1 us): the scanner's cue to step aside."""
+        return any(events & select.POLLIN for _, events in self._linger.poll(0))
+
     def send(self, reply: bytes) -> bool:
         """Write one reply; False if the kernel no longer wants it."""
         try:

@@ -15,6 +15,7 @@ the daemon (the device answering ioctls on the same trio loop).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -43,10 +44,33 @@ class _Wakeups:
             self.params.set()
 
 
-async def run(engine: Engine, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Scan while told to run, idle otherwise.  Never returns; cancel it to stop."""
+# How many times in a row the scanner steps aside for a request that is
+# still waiting, before it goes on regardless (see scan()).
+YIELDS_TO_A_REQUEST = 2
+# After stepping aside, the scanner works at least this long before a
+# waiting request may interrupt it again: a client that calls ioctls back
+# to back would otherwise leave it a few pages per request.
+SCAN_AT_LEAST = 0.0002
+
+
+async def run(
+    engine: Engine,
+    *,
+    pending: Callable[[], bool] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Scan while told to run, idle otherwise.  Never returns; cancel it to stop.
+
+    ``pending()``, if given, says whether a request is waiting to be read
+    (in the daemon, a poll of the CUSE channel: :meth:`Server.waiting`).  The
+    scanner asks it between pages and after each batch, and steps aside at
+    once when it says yes, so that a request waits for a few pages of
+    scanning instead of up to a millisecond of it.
+    """
     wake = _Wakeups()
     unwatch = engine.watch(wake.changed)
+    quiet = _Quiet(pending) if pending is not None else None
+    engine.interrupt_when(quiet.interrupts if quiet is not None else None)
     try:
         task_status.started()
         while True:
@@ -57,7 +81,7 @@ async def run(engine: Engine, *, task_status: Any = trio.TASK_STATUS_IGNORED) ->
                 await wake.idle.wait()
                 continue
             k = engine.kthread
-            await scan(engine, k.pages_to_scan)
+            await scan(engine, k.pages_to_scan, quiet)
             if engine.kthread is not k:
                 continue  # new parameters: act on them now
             if k.sleep:
@@ -67,13 +91,35 @@ async def run(engine: Engine, *, task_status: Any = trio.TASK_STATUS_IGNORED) ->
             else:
                 await trio.lowlevel.checkpoint()
     finally:
+        engine.interrupt_when(None)
         unwatch()
 
 
-async def scan(engine: Engine, npages: int) -> None:
+class _Quiet:
+    """Whether a request waits, as the scanner asks it: not again until it has worked SCAN_AT_LEAST."""
+
+    def __init__(self, pending: Callable[[], bool]) -> None:
+        self.pending = pending
+        self.not_before = 0.0
+
+    def interrupts(self) -> bool:
+        """Asked between pages: end the batch now?"""
+        return time.perf_counter() >= self.not_before and self.pending()
+
+    def stepped_aside(self) -> None:
+        self.not_before = time.perf_counter() + SCAN_AT_LEAST
+
+
+async def scan(engine: Engine, npages: int, quiet: _Quiet | None = None) -> None:
     """One round: scan up to ``npages`` pages, yielding to trio between batches.
 
     A stop (or any change of parameters) takes effect at the next batch.
+    When ``quiet`` says a request waits, the scanner yields at once
+    (the batch has already ended early, see Scanner.interrupt), and again
+    while it still waits: trio runs the woken tasks of one round in random
+    order, so after one checkpoint the scanner may well be first again.
+    YIELDS_TO_A_REQUEST bounds that, so that a request the daemon does not
+    read at once (a borrow in progress) cannot stop the scan.
     """
     params = engine.kthread
     registry = engine.registry
@@ -82,10 +128,19 @@ async def scan(engine: Engine, npages: int) -> None:
     next_yield = clock() + YIELD_SECONDS
     while left > 0 and registry.live_pages > 0:
         left -= engine.scan_step(left)
+        if quiet is not None and quiet.interrupts():
+            for _ in range(YIELDS_TO_A_REQUEST):
+                await trio.lowlevel.checkpoint()
+                if not quiet.pending():
+                    break
+            quiet.stepped_aside()
+            next_yield = clock() + YIELD_SECONDS
+            if engine.kthread is not params:
+                return
         # A checkpoint costs ~15 us; yielding after every batch would add
         # 5-10 % to a pass.  Yield once the work since the last yield
         # reaches YIELD_SECONDS (a batch is at most BATCH_SECONDS more).
-        if clock() >= next_yield:
+        elif clock() >= next_yield:
             await trio.lowlevel.checkpoint()
             next_yield = clock() + YIELD_SECONDS
             if engine.kthread is not params:

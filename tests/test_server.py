@@ -250,3 +250,17 @@ async def test_the_floor_instruments_loop_runs_on_the_servers_public_parts(nurse
     assert await h.kernel.ioctl(fh, abi.KSM_GET_API_VERSION) == (1, b"")  # its bare path
     result, out = await h.kernel.ioctl(fh, abi.KSM_GET_INFO_KTHREAD)  # through the session
     assert result == 0 and abi.KthreadInfo.unpack(out) == abi.KthreadInfo()
+
+
+def test_waiting_says_whether_a_request_is_queued() -> None:
+    """The scanner's cue (kksmd.run's ``pending``): a request is queued on the channel."""
+    h = Harness()
+    try:
+        assert not h.server.waiting()
+        h.theirs.send(b"request")
+        assert h.server.waiting()
+        assert h.server.read() == b"request"
+        assert not h.server.waiting()
+    finally:
+        h.ours.close()
+        h.theirs.close()

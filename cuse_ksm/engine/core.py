@@ -17,7 +17,7 @@ from cuse_ksm.engine.counters import Counters, ProcessStat
 from cuse_ksm.engine.memory import EngineMemory, measure
 from cuse_ksm.engine.pages import PageSurvey
 from cuse_ksm.engine.registry import AddressSpace, Registry, Slot, Sma
-from cuse_ksm.engine.scanner import Scanner
+from cuse_ksm.engine.scanner import Scanner, _never
 from cuse_ksm.engine.trees import RmapItem, StableTree, UnstableTree
 
 # Told of every change that may give an idle scanner work: True when the
@@ -160,6 +160,15 @@ class Engine:
         return PageSurvey(self.scanner.stable, slot, want_runs=runs)
 
     # -- scanning --------------------------------------------------------------------
+
+    def interrupt_when(self, pending: Callable[[], bool] | None) -> None:
+        """Let ``pending()`` end a batch early, between two pages, when it says something else should run.
+
+        The driver (kksmd) passes the daemon's "is a request waiting on the
+        CUSE channel?"; the engine only calls it, and knows nothing of what
+        it asks.  None: batches run to their end (or their time budget).
+        """
+        self.scanner.interrupt = pending if pending is not None else _never
 
     def scan_step(self, budget: int) -> int:
         """Scan one batch (at most ``budget`` pages, about 0.5 ms of work); returns the pages stepped over."""

@@ -36,6 +36,7 @@ import sys
 import time
 from array import array
 from collections import Counter
+from collections.abc import Callable
 
 from xxhash import xxh3_64_intdigest
 
@@ -75,6 +76,9 @@ _IS_COPIED = bytes(1 if b == PAGE_COPIED else 0 for b in range(256))
 _ABSENT_STATE = bytes({PAGE_ZERO: ZERO_PAGE, PAGE_UNREADABLE: UNREADABLE}.get(b, 0) for b in range(256))
 _PLAIN_READ = bytes((0, PAGE_COPIED))  # what a read without zero or unreadable pages holds
 _MARKS = re.compile(rb"[^\x00]+")
+_NO_ITEMS = array("B", bytes(CHUNK_PAGES))
+_ITEMS = array("B", bytes((ITEM,)) * CHUNK_PAGES)
+_GATE_STATES = bytes((ITEM, UNSTABLE))  # a page in one of these states, unchanged, goes to the unstable tree
 
 # A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
 # processing, about 0.5 ms: the unit of work between two chances for the
@@ -83,6 +87,16 @@ BATCH_PAGES = CHUNK_PAGES // 2
 # ... and a batch stops early when it runs longer than this (merges re-read
 # pages one at a time, which is slower than the common path).
 BATCH_SECONDS = 0.0005
+# ... or when the scanner's driver says something else is waiting to run
+# (Scanner.interrupt: in the daemon, a request on the CUSE channel).  It is
+# asked every INTERRUPT_PAGES pages, and not before that many pages of the
+# batch are done, so that a driver that always has something waiting (a
+# client calling ioctls back to back) still lets the scan move on.
+INTERRUPT_PAGES = 16
+
+
+def _never() -> bool:
+    return False
 
 
 class Scanner:
@@ -91,10 +105,13 @@ class Scanner:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.stable = StableTree()
-        self.unstable = UnstableTree()
+        self.unstable = UnstableTree(self._entry_digest)
         self.tally = Tally()
         # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
         self.max_kernel_pages = 0
+        # Asked between pages of a batch: True ends the batch early, at the
+        # page it has reached (see INTERRUPT_PAGES).  Set by the driver.
+        self.interrupt: Callable[[], bool] = _never
         # The cursor: the ring key of the slot it is in, and the page index.
         self._cursor_seq = 0  # 0: before the first slot
         self._cursor_idx = 0
@@ -379,19 +396,80 @@ class Scanner:
         state = chunk.state
         word = chunk.word
         pages = self._pages
+        # Every page's digest in one call, in C: a wasted hash of an absent
+        # page's stale buffer costs less than a Python step per page.
+        hashes = list(map(xxh3_64_intdigest, pages[:n]))
+        if (
+            present is found
+            and found.count(PAGE_COPIED) == n
+            and state[k0 : k0 + n] == _NO_ITEMS[:n]
+            and self.stable.digests.isdisjoint(hashes)
+        ):
+            # A batch seen for the first time (a new region's first pass):
+            # every page only gets its digest remembered (step 5), which the
+            # loop below would do page by page.  The stable tree is searched
+            # first in the loop; no page of this batch can match it (no digest
+            # in common), so skipping that search changes nothing.
+            word[k0 : k0 + n] = array("Q", hashes)
+            state[k0 : k0 + n] = _ITEMS[:n]
+            self.tally.items += n
+            self.tally.pages_scanned += n
+            return n
         by_id = self.stable.by_id
         stable_digests = self.stable.digests
         stable_find = self.stable.find
         unstable_search_insert = self.unstable.search_insert
         same = self._same_page
-        hash64 = xxh3_64_intdigest
         clock = time.perf_counter
         deadline = clock() + BATCH_SECONDS
+        interrupt = self.interrupt
         loc0 = (slot.no << 32) | idx
         d_items = d_unshared = d_sharers = d_merged = scanned = 0
 
-        for j in range(n):
-            if j and not j & 31 and clock() > deadline:
+        j0 = 0  # the loop below starts here
+        if (
+            present is found
+            and found.count(PAGE_COPIED) == n
+            and not state[k0 : k0 + n].tobytes().translate(None, _GATE_STATES)
+            and word[k0 : k0 + n] == array("Q", hashes)
+            and stable_digests.isdisjoint(hashes)
+        ):
+            # Every page is present, has an item in no tree (or went into the
+            # unstable tree last pass) and the digest it had then, and none
+            # can match the stable tree: each passes the checksum gate and
+            # goes to the unstable tree (step 4), which the loop below would
+            # find out page by page.  A match makes a new shared page, which a
+            # later page of the batch may equal: from there on the loop below,
+            # which searches the stable tree first, takes over.
+            for j in range(n):
+                if j and not j & (INTERRUPT_PAGES - 1) and (clock() > deadline or interrupt()):
+                    n = j0 = j
+                    break
+                k = k0 + j
+                h = hashes[j]
+                other = unstable_search_insert(h, loc0 + j, pages[j], same)
+                if not other:
+                    if state[k] != UNSTABLE:
+                        state[k] = UNSTABLE
+                        d_unshared += 1
+                    continue
+                if state[k] == UNSTABLE:
+                    d_unshared -= 1
+                    state[k] = ITEM
+                self.tally.unshared += d_unshared
+                d_unshared = 0
+                self._merge_pair(slot, chunk, k, h, pages[j].tobytes(), other)
+                j0 = j + 1
+                break
+            else:
+                j0 = n
+            scanned = j0
+
+        for j in range(j0, n):
+            # Stopping between two pages is always safe: the batch's counts
+            # are folded in below for the pages done, and the cursor moves
+            # past those only (step), so the rest is scanned next time.
+            if j and not j & (INTERRUPT_PAGES - 1) and (clock() > deadline or interrupt()):
                 n = j
                 break
             k = k0 + j
@@ -407,7 +485,7 @@ class Scanner:
                 continue
             scanned += 1
             page = pages[j]
-            h = hash64(page)
+            h = hashes[j]
 
             if st == MERGED:
                 kpage = by_id[word[k]]
@@ -513,6 +591,14 @@ class Scanner:
         if chunk is None:
             return None
         return slot, chunk, idx & CHUNK_MASK
+
+    def _entry_digest(self, loc: int) -> int | None:
+        """The digest the unstable tree's entry at ``loc`` went in with, if that page is still in the tree."""
+        found = self._locate(loc)
+        if found is None:
+            return None
+        _, chunk, k = found
+        return chunk.word[k] if chunk.state[k] == UNSTABLE else None
 
     def _same_page(self, loc: int, checksum: int, page: memoryview) -> bool:
         """Unstable-tree match check: is the page at ``loc`` still there and identical to ``page``?

@@ -339,7 +339,8 @@ def test_stable_tree_chains_digest_collisions() -> None:
 
 
 def test_unstable_tree_candidates_are_confirmed_and_collisions_kept() -> None:
-    tree = UnstableTree()
+    digests: dict[int, int] = {}
+    tree = UnstableTree(digests.get)
     asked = []
     page_a = memoryview(page(0xA))
 
@@ -351,15 +352,27 @@ def test_unstable_tree_candidates_are_confirmed_and_collisions_kept() -> None:
         return loc == 2
 
     h = 0xDEADBEEF_00000001
+    digests.update({1: h, 2: h})
     assert tree.search_insert(h, 1, page_a, never) == 0
     assert tree.search_insert(h, 2, page_a, never) == 0  # same digest, not confirmed: both kept
     assert asked == [(1, h, page_a)]  # the confirmation sees the page and digest being searched
     assert tree.search_insert(h, 3, page_a, only_2) == 2
     # Growth keeps every entry findable.
+    # As the scanner does, an entry's page is known to be in the tree only
+    # once search_insert has returned: growing must not lose the newest one.
     for i in range(5000):
-        tree.search_insert(random.getrandbits(64), 10 + i, page_a, never)
+        h_i = random.getrandbits(64)
+        tree.search_insert(h_i, 10 + i, page_a, never)
+        digests[10 + i] = h_i
     assert tree.search_insert(h, 99, page_a, only_2) == 2
     assert len(tree) == 5002
+    # An entry whose page left the tree (no digest any more) is dropped when it grows.
+    del digests[10]
+    for i in range(5000, 9000):
+        h_i = random.getrandbits(64)
+        tree.search_insert(h_i, 10 + i, page_a, never)
+        digests[10 + i] = h_i
+    assert len(tree) == 9001 and 10 not in tree.arrays()[1].tolist()
 
 
 def test_random_workload_keeps_counters_consistent() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
 import trio.testing
@@ -21,6 +23,15 @@ def engine_with(npages: int, content: bytes = page(1)) -> tuple[Engine, FakeSpac
     space.map(A, [content] * npages)
     engine.register(engine.new_sma(), space, A, npages)
     return engine, space
+
+
+async def poll_info(device: KsmDevice, fh: int, answered: list[int]) -> None:
+    """Call GET_INFO_KTHREAD in the scanner's loop for ever, counting the answers in ``answered[0]``."""
+    while True:
+        out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
+        assert isinstance(out, Done) and out.result == 0
+        answered[0] += 1
+        await trio.lowlevel.checkpoint()
 
 
 async def test_idle_until_started_then_scans_then_stops(autojump_clock: trio.testing.MockClock) -> None:
@@ -97,26 +108,17 @@ async def test_the_scanner_yields_to_the_device_between_batches(monkeypatch: pyt
     engine, _ = engine_with(64 * 256)
     device = KsmDevice(engine, lambda tid: FakeSpace(tid))
     fh = device.open().fh
-    answered = 0
+    answered = [0]
     async with trio.open_nursery() as nursery:
         await nursery.start(kksmd.run, engine)
         engine.set_kthread(sleep=0, pages_to_scan=64 * 256, flags=1)  # one round = 64 batches
-
-        async def poll_info() -> None:
-            nonlocal answered
-            while True:
-                out = device.ioctl(fh, abi.KSM_GET_INFO_KTHREAD, 1, b"", abi.STRUCT_SIZE)
-                assert isinstance(out, Done) and out.result == 0
-                answered += 1
-                await trio.lowlevel.checkpoint()
-
-        nursery.start_soon(poll_info)
+        nursery.start_soon(poll_info, device, fh, answered)
         while engine.counters().full_scans < 1:
             await trio.lowlevel.checkpoint()
         nursery.cancel_scope.cancel()
     # About one answer per batch of the first pass (the poller starts a
     # batch or so after the scanner, and the last batch ends the wait).
-    assert answered >= 64 * 256 // scanner.BATCH_PAGES - 3
+    assert answered[0] >= 64 * 256 // scanner.BATCH_PAGES - 3
 
 
 async def test_a_stop_takes_effect_at_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,3 +136,53 @@ async def test_a_stop_takes_effect_at_the_next_batch(monkeypatch: pytest.MonkeyP
             await trio.lowlevel.checkpoint()
         assert engine.counters().pages_scanned == scanned < 64 * 256
         nursery.cancel_scope.cancel()
+
+
+def test_a_waiting_request_ends_a_batch_between_pages() -> None:
+    """The engine asks its driver between pages, and stops the batch where it is when told to."""
+    from tests.engine.fakes import unique_page
+
+    engine = Engine()
+    space = FakeSpace()
+    space.map(A, [unique_page(i) for i in range(256)])
+    engine.register(engine.new_sma(), space, A, 256)
+    engine.scan_now(256)  # first sight of every page (taken in bulk, never cut)
+    asked = 0
+
+    def waiting() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    engine.interrupt_when(waiting)
+    assert engine.scan_step(256) == scanner.INTERRUPT_PAGES
+    assert asked == 1
+    engine.interrupt_when(None)
+    assert engine.scan_step(256) == scanner.BATCH_PAGES - scanner.INTERRUPT_PAGES
+    check_engine(engine)
+
+
+async def test_a_request_always_waiting_starves_neither_side() -> None:
+    """With ``pending`` always true (a client calling back to back), the scan still moves, and requests are answered."""
+    engine, _ = engine_with(8 * 256)
+    device = KsmDevice(engine, lambda tid: FakeSpace(tid))
+    fh = device.open().fh
+    answered = [0]
+    asked = 0
+
+    def pending() -> bool:
+        nonlocal asked
+        asked += 1
+        return True
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(kksmd.run, engine, pending=pending))
+        engine.set_kthread(sleep=0, pages_to_scan=8 * 256, flags=1)
+        nursery.start_soon(poll_info, device, fh, answered)
+        with trio.fail_after(10):
+            while engine.counters().full_scans < 3:
+                await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    # Every batch of the second and third passes stepped aside for the request.
+    assert asked >= 2 * 8 * 256 // scanner.BATCH_PAGES
+    assert answered[0] >= 2 * 8 * 256 // scanner.BATCH_PAGES
