@@ -256,9 +256,29 @@ class Scanner:
             self.tally.errors += 1
             log.exception("scanner: batch at slot %d page %d failed; skipped", slot.seq, idx)
         self._cursor_idx = idx + n
-        if self._cursor_idx >= slot.npages:
-            self._advance()
+        if self._cursor_idx >= end:
+            self._settle()
         return n
+
+    def _settle(self) -> None:
+        """After a batch that ended a mapped run: move the cursor on to the next mapped page, or to the wrap.
+
+        So a pass ends with the step that scans its last mapped page, as
+        the 2009 loop's ended with its last address, even when holes or
+        the regions of an exited process follow that page (they cost
+        nothing): a round of exactly a pass's pages is one pass, and
+        ``full_scans`` moves when that round ends, not at the start of the
+        next.  It stops at the wrap: no mapping of the next pass is read.
+        """
+        scans = self.tally.full_scans
+        while True:
+            slot = self.registry.ring.get(self._cursor_seq)
+            if slot is None or slot.gone or self._cursor_idx >= slot.npages:
+                slot = self._advance()
+                if slot is None or self.tally.full_scans != scans:
+                    return
+            if self._at_mapped(slot):
+                return
 
     def _advance(self) -> Slot | None:
         """Move the cursor to the start of the next live slot, wrapping at the end.

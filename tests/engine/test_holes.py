@@ -78,6 +78,31 @@ def test_nothing_mapped_at_all_ends_the_round() -> None:
     assert engine.counters().pages_scanned == 0
 
 
+@pytest.mark.parametrize("after", ["hole", "gone process"])
+def test_a_round_of_one_pass_of_mapped_pages_is_one_pass(after: str) -> None:
+    # What follows the last mapped page costs nothing, so the pass ends with
+    # the step that scans that page: a round of exactly the pass's mapped
+    # pages is one pass, and full_scans moves in that round, not the next.
+    engine = Engine()
+    space = FakeSpace()
+    space.add_mapping(REAL_ADDR, 64)
+    space.map(REAL_ADDR, [page(i) for i in range(64)])
+    sma = engine.new_sma()
+    engine.register(sma, space, REAL_ADDR, 64)
+    other = FakeSpace(15)
+    if after == "hole":
+        engine.register(sma, space, HOLE_ADDR, MAX_PAGES)
+    else:
+        other.add_mapping(REAL_ADDR, 16)
+        other.map(REAL_ADDR, [page(100 + i) for i in range(16)])
+        engine.register(sma, other, REAL_ADDR, 16)
+        other.gone = True  # the process exited; its region stays registered
+    for n in range(1, 4):
+        assert engine.scan_now(64) == 64
+        c = engine.counters()
+        assert (c.full_scans, c.pages_scanned) == (n, 64 * n)
+
+
 def test_a_mapping_made_later_is_seen_by_the_next_pass_and_one_removed_loses_its_items() -> None:
     engine = Engine()
     space = FakeSpace()
