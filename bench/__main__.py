@@ -193,7 +193,16 @@ def main(argv: list[str] | None = None) -> int:
         if wk:
             rate += f", kernel {wk.pages_scanned / wk.seconds / 1e6:.2f} M pages/s"
         print(rate)
-        out["tail8"] = {"emulator": asdict(we), "kernel": asdict(wk) if wk else None}
+        w = workload.start("tail8", size)
+        try:
+            ceiling = {n: emulator.read_ceiling(w, n) for n in (1, 2)}
+        finally:
+            w.stop()
+        print(
+            "  read ceiling (/proc/PID/mem, 512 KiB reads, nothing else): "
+            f"1 thread {ceiling[1] / 1e6:.2f} M pages/s, 2 threads {ceiling[2] / 1e6:.2f} M pages/s"
+        )
+        out["tail8"] = {"emulator": asdict(we), "kernel": asdict(wk) if wk else None, "read_ceiling": ceiling}
         print(_ratio("worst case", "emulator/kernel", we.seconds, wk.seconds if wk else None, "time for two passes"))
 
     # 3. Memory per registered page.

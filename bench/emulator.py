@@ -9,6 +9,7 @@ import select
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -116,6 +117,36 @@ async def _until_merged(
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"emulator: {c} after {timeout} s")
         await trio.sleep(0.001)
+
+
+def read_ceiling(workload: Workload, threads: int) -> float:
+    """Pages a second that reading ``workload``'s memory allows: ``threads`` readers doing nothing else.
+
+    Through ``/proc/PID/mem`` in reads of a scanner batch (512 KiB), the
+    only read the scanner may use: ``process_vm_readv`` pins the pages it
+    reads, and a read-only pin unshares KSM and COW-shared pages
+    (cuse_ksm/host/procmem.py).  No scan rate can pass this figure.
+    """
+    chunk = 512 << 10
+    fd = os.open(f"/proc/{workload.pid}/mem", os.O_RDONLY)
+    share = workload.size // threads
+
+    def read(lo: int) -> None:
+        buf = bytearray(chunk)
+        for off in range(lo, lo + share, chunk):
+            if os.preadv(fd, [buf], workload.addr + off) != chunk:
+                raise OSError(f"short read of the workload at {off:#x}")
+
+    try:
+        readers = [threading.Thread(target=read, args=(i * share,)) for i in range(threads)]
+        t0 = time.perf_counter()
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join()
+        return workload.npages / (time.perf_counter() - t0)
+    finally:
+        os.close(fd)
 
 
 @dataclass

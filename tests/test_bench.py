@@ -49,3 +49,7 @@ def test_the_short_bench_runs_every_section() -> None:
         # A figure, unless it is against a kernel side that did not run.
         assert (found[0].group(1) == "n/a") == (against_kernel and not with_kernel), run.stdout
     assert re.match(SECTIONS["50 % duplicates"][0], lines[-1]), "the last line is not section 1's ratio line"
+    # The read ceiling, against which the worst case's scan rate is judged: two figures.
+    figures = r"  read ceiling .*: 1 thread ([\d.]+) M pages/s, 2 threads ([\d.]+) M"
+    ceiling = [m for line in lines if (m := re.match(figures, line))]
+    assert len(ceiling) == 1 and all(float(x) > 0 for x in ceiling[0].groups()), run.stdout
