@@ -78,6 +78,7 @@ _PLAIN_READ = bytes((0, PAGE_COPIED))  # what a read without zero or unreadable 
 _MARKS = re.compile(rb"[^\x00]+")
 _NO_ITEMS = array("B", bytes(CHUNK_PAGES))
 _ITEMS = array("B", bytes((ITEM,)) * CHUNK_PAGES)
+_UNSTABLES = array("B", bytes((UNSTABLE,)) * CHUNK_PAGES)
 _GATE_STATES = bytes((ITEM, UNSTABLE))  # a page in one of these states, unchanged, goes to the unstable tree
 
 # A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
@@ -461,28 +462,35 @@ class Scanner:
             # find out page by page.  A match makes a new shared page, which a
             # later page of the batch may equal: from there on the loop below,
             # which searches the stable tree first, takes over.
-            for j in range(n):
-                if j and not j & (INTERRUPT_PAGES - 1) and (clock() > deadline or interrupt()):
-                    n = j0 = j
+            # A run of INTERRUPT_PAGES pages at a time goes to the table in one
+            # call (UnstableTree.insert_run: no Python call per page).  Its
+            # state bytes say UNSTABLE before the call, as they would page by
+            # page, so that a page may meet an earlier one of the same run;
+            # from a match on, they get back what they were.
+            insert_run = self.unstable.insert_run
+            j0 = 0
+            while j0 < n:
+                if j0 and (clock() > deadline or interrupt()):
+                    n = j0
                     break
-                k = k0 + j
-                h = hashes[j]
-                other = unstable_search_insert(h, loc0 + j, pages[j], same)
+                stop = min(n, j0 + INTERRUPT_PAGES)
+                was = state[k0 + j0 : k0 + stop]
+                state[k0 + j0 : k0 + stop] = _UNSTABLES[: stop - j0]
+                j, other = insert_run(hashes, j0, stop, loc0, pages, same)
+                d_unshared += (j - j0) - was[: j - j0].count(UNSTABLE)
                 if not other:
-                    if state[k] != UNSTABLE:
-                        state[k] = UNSTABLE
-                        d_unshared += 1
+                    j0 = stop
                     continue
+                state[k0 + j : k0 + stop] = was[j - j0 :]
+                k = k0 + j
                 if state[k] == UNSTABLE:
                     d_unshared -= 1
                     state[k] = ITEM
                 self.tally.unshared += d_unshared
                 d_unshared = 0
-                self._merge_pair(slot, chunk, k, h, pages[j].tobytes(), other)
+                self._merge_pair(slot, chunk, k, hashes[j], pages[j].tobytes(), other)
                 j0 = j + 1
                 break
-            else:
-                j0 = n
             scanned = j0
 
         for j in range(j0, n):

@@ -326,6 +326,39 @@ class UnstableTree:
         self._count += 1
         return 0
 
+    def insert_run(
+        self, checksums: list[int], start: int, stop: int, loc0: int, pages: list[memoryview], same: Confirm
+    ) -> tuple[int, int]:
+        """:meth:`search_insert` of pages ``start`` to ``stop - 1`` in turn (page ``j`` at ``loc0 + j``) up to a match.
+
+        Returns ``(j, loc)`` for the first page ``j`` that ``same`` confirms
+        an entry ``loc`` for (pages before it were inserted, it and those
+        after it were not), or ``(stop, 0)``.  The scanner's worst case,
+        every page unique and unchanged, in one call for a run: no Python
+        call per page.  The table grows first, for the whole run, so the
+        entries it asks about are all from earlier calls.
+        """
+        while self._count + (stop - start) > self._limit:
+            self.grow()
+        mask = self._mask
+        tags = self._tags
+        locs = self._locs
+        for j in range(start, stop):
+            checksum = checksums[j]
+            tag = checksum & 0xFFFF
+            i = (checksum >> 32) & mask
+            cand = locs[i]
+            while cand:
+                if tags[i] == tag and same(cand, checksum, pages[j]):
+                    self._count += j - start
+                    return j, cand
+                i = (i + 1) & mask
+                cand = locs[i]
+            tags[i] = tag
+            locs[i] = loc0 + j
+        self._count += stop - start
+        return stop, 0
+
     def grow(self) -> None:
         # Rare: reset() sizes the table for the pass ahead from the number of
         # items the last pass saw; registering more pages meanwhile grows it.

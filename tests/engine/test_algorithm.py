@@ -375,6 +375,34 @@ def test_unstable_tree_candidates_are_confirmed_and_collisions_kept() -> None:
     assert len(tree) == 9001 and 10 not in tree.arrays()[1].tolist()
 
 
+def test_unstable_tree_insert_run_stops_at_the_first_match() -> None:
+    digests: dict[int, int] = {}
+    tree = UnstableTree(digests.get)
+    pages = [memoryview(page(i)) for i in range(40)]
+    hashes = [random.getrandbits(64) for _ in range(40)]
+    hashes[30] = hashes[3]  # page 30 will meet page 3
+
+    def same(loc: int, checksum: int, candidate: memoryview) -> bool:
+        return digests.get(loc) == checksum and candidate is pages[loc - 100]
+
+    # Pages 0..19 go in (a run from 0 to 20, no match): all inserted.
+    assert tree.insert_run(hashes, 0, 20, 100, pages, same) == (20, 0)
+    digests.update({100 + j: hashes[j] for j in range(20)})
+    assert len(tree) == 20
+    # A run that meets page 3 at its 11th page: the ten before it go in, it and the rest do not.
+    pages[30] = pages[3]
+    assert tree.insert_run(hashes, 20, 36, 100, pages, same) == (30, 103)
+    assert len(tree) == 30
+    assert tree.search_insert(hashes[33], 999, pages[33], lambda *a: True) == 0  # 33 was not inserted
+    digests.update({100 + j: hashes[j] for j in range(20, 30)} | {999: hashes[33]})
+    # A run longer than the room left grows the table first, and loses nothing.
+    many = [random.getrandbits(64) for _ in range(3000)]
+    digests.update({5000 + j: many[j] for j in range(3000)})
+    assert tree.insert_run(many, 0, 3000, 5000, [pages[0]] * 3000, lambda *a: False) == (3000, 0)
+    assert len(tree) == 3031
+    assert tree.insert_run(hashes, 3, 4, 100, pages, same) == (3, 103)  # still found after growing
+
+
 def test_random_workload_keeps_counters_consistent() -> None:
     rng = random.Random(1234)
     engine = Engine()
