@@ -53,3 +53,23 @@ def test_the_short_bench_runs_every_section() -> None:
     figures = r"  read ceiling .*: 1 thread ([\d.]+) M pages/s, 2 threads ([\d.]+) M"
     ceiling = [m for line in lines if (m := re.match(figures, line))]
     assert len(ceiling) == 1 and all(float(x) > 0 for x in ceiling[0].groups()), run.stdout
+
+
+def run_bench(*argv: str) -> str:
+    run = subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return run.stdout
+
+
+def test_the_per_pass_bench_runs_and_dup50_merges_in_its_second_pass() -> None:
+    out = run_bench("bench.passes", "dup50", "--size-mib", "16", "--passes", "3")
+    counters = re.findall(
+        r"^  pass (\d): .* M pages/s; full_scans (\d+), pages_shared (\d+), pages_sharing (\d+)$", out, re.M
+    )
+    # 4096 pages: 2048 copies of 1024 contents (bench/workload.py), merged in pass 2.
+    assert counters == [("1", "1", "0", "0"), ("2", "2", "1024", "1024"), ("3", "3", "1024", "1024")], out
+
+
+def test_the_holes_bench_runs_and_the_real_region_merges() -> None:
+    out = run_bench("bench.holes", "--limit", "5")
+    assert re.search(r"^  paced \(ksmctl start 5000 100\): pages_sharing 255 after [\d.]+ ms", out, re.M), out
