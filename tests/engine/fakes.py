@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import random
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.engine import Engine, Slot
@@ -19,6 +20,48 @@ def unique_page(n: int) -> bytes:
     """A page no other call returns (n at the start and the end)."""
     stamp = n.to_bytes(8, "little")
     return stamp + bytes(PAGE_SIZE - 16) + stamp
+
+
+# The layouts of `make bench` (bench/workload.py) and of the cross-check
+# against the kernel's KSM (tests/c/ksm_crosscheck.c), small enough for unit tests.
+WORKLOADS = ("dup50", "tail8", "equal", "half", "volatile", "tail", "tailgroup", "zeroread")
+
+
+def workload(layout: str, npages: int) -> list[bytes | None]:
+    """The pages of ``layout`` (one of WORKLOADS), page for page; None: a page only read (zeroread's odd pages)."""
+    if layout == "dup50":
+        # bench's dup50 with 64 duplicate contents, so that a small region repeats them.
+        rng = random.Random(2009)
+        dups = [rng.randbytes(PAGE_SIZE) for _ in range(64)]
+        return [dups[(i // 2) % 64] if i % 2 == 0 else rng.randbytes(PAGE_SIZE) for i in range(npages)]
+    if layout == "tail8":
+        # The worst case: equal but for the page index in the last 8 bytes.
+        return [page(0, i.to_bytes(8, "little")) for i in range(npages)]
+    assert layout in WORKLOADS, layout
+    out: list[bytes | None] = []
+    for i in range(npages):
+        if layout == "zeroread" and i % 2:
+            out.append(None)
+            continue
+        p = bytearray(page(0x6B))
+        if layout == "half":
+            p[:8] = (1000 + i if i % 2 else (i // 2) % 4).to_bytes(8, "little")
+        elif layout == "volatile" and i % 4 == 3:
+            p[:8] = i.to_bytes(8, "little")
+        elif layout == "tail":
+            p[-8:] = i.to_bytes(8, "little")
+        elif layout == "tailgroup":
+            p[-8:] = (i // 8).to_bytes(8, "little")
+        out.append(bytes(p))
+    return out
+
+
+def rewrite_volatile(space: FakeSpace, addr: int, npages: int, n: int) -> None:
+    """The volatile layout's writer (ksm_crosscheck's writer thread): bytes 8-15 of every page 3 mod 4 become ``n``."""
+    for i in range(3, npages, 4):
+        at = addr + i * PAGE_SIZE
+        data = space.pages[at]
+        space.pages[at] = data[:8] + n.to_bytes(8, "little") + data[16:]
 
 
 class FakeSpace:
@@ -59,8 +102,12 @@ class FakeSpace:
         self.zero -= gone
         self.unreadable -= gone
 
-    def map(self, addr: int, contents: list[bytes]) -> None:
+    def map(self, addr: int, contents: list[bytes] | list[bytes | None]) -> None:
+        """Pages from ``addr`` on; a None is a page only read, which maps the zero page."""
         for i, data in enumerate(contents):
+            if data is None:
+                self.zero.add(addr + i * PAGE_SIZE)
+                continue
             assert len(data) == PAGE_SIZE
             self.pages[addr + i * PAGE_SIZE] = data
 

@@ -12,9 +12,6 @@ page: a space that reports everything mapped).
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-
 import pytest
 
 from cuse_ksm.abi import PAGE_SIZE
@@ -22,7 +19,7 @@ from cuse_ksm.engine import Engine, PageSurvey
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.counters import Counters
 from cuse_ksm.engine.trees import NO_ITEM
-from tests.engine.fakes import FakeSpace, full_scans, page
+from tests.engine.fakes import FakeSpace, full_scans, page, rewrite_volatile, workload
 
 HOLE_ADDR = 0x1000_0000_0000  # nothing mapped there
 REAL_ADDR = 0x7F00_0000_0000
@@ -126,62 +123,11 @@ def test_a_mapping_made_later_is_seen_by_the_next_pass_and_one_removed_loses_its
 
 # -- the counters after each pass, with holes and without ------------------------
 
-Layout = Callable[[FakeSpace, int, int], None]  # (space, addr, npages): fill the pages at addr
-
-
-def dup50(space: FakeSpace, addr: int, npages: int) -> None:
-    """bench/workload.py's dup50, at 64 duplicate contents: even pages copies, odd pages unique."""
-    rng = random.Random(2009)
-    dups = [rng.randbytes(PAGE_SIZE) for _ in range(64)]
-    space.map(addr, [dups[(i // 2) % 64] if i % 2 == 0 else rng.randbytes(PAGE_SIZE) for i in range(npages)])
-
-
-def tail8(space: FakeSpace, addr: int, npages: int) -> None:
-    """The worst case (bench's tail8, crosscheck's tail): equal but for the index in the last 8 bytes."""
-    space.map(addr, [page(0, i.to_bytes(8, "little")) for i in range(npages)])
-
-
-def crosscheck(pattern: str) -> Layout:
-    """tests/c/ksm_crosscheck.c's patterns, page for page."""
-
-    def fill(space: FakeSpace, addr: int, npages: int) -> None:
-        pages: list[bytes | None] = []
-        for i in range(npages):
-            if pattern == "zeroread" and i % 2:
-                space.zero.add(addr + i * PAGE_SIZE)
-                pages.append(None)
-                continue
-            p = bytearray(page(0x6B))
-            if pattern == "half":
-                p[:8] = (1000 + i if i % 2 else (i // 2) % 4).to_bytes(8, "little")
-            elif pattern == "volatile" and i % 4 == 3:
-                p[:8] = i.to_bytes(8, "little")
-            elif pattern == "tail":
-                p[-8:] = i.to_bytes(8, "little")
-            elif pattern == "tailgroup":
-                p[-8:] = (i // 8).to_bytes(8, "little")
-            pages.append(bytes(p))
-        for i, data in enumerate(pages):
-            if data is not None:
-                space.pages[addr + i * PAGE_SIZE] = data
-
-    return fill
-
-
-def rewrite_volatile(space: FakeSpace, addr: int, npages: int, n: int) -> None:
-    """The volatile pattern's writer: every 4th page's bytes 8-15 change between passes."""
-    for i in range(3, npages, 4):
-        at = addr + i * PAGE_SIZE
-        data = bytearray(space.pages[at])
-        data[8:16] = n.to_bytes(8, "little")
-        space.pages[at] = bytes(data)
-
-
-LAYOUTS: dict[str, tuple[Layout, int]] = {
-    "dup50": (dup50, 1024),
-    "tail8": (tail8, 1024),
-    **{f"crosscheck-{p}": (crosscheck(p), n) for p, n in (("equal", 512), ("half", 1024), ("volatile", 1024))},
-    **{f"crosscheck-{p}": (crosscheck(p), n) for p, n in (("tail", 1024), ("tailgroup", 1024), ("zeroread", 512))},
+LAYOUTS = {
+    "dup50": 1024,
+    "tail8": 1024,
+    **{f"crosscheck-{p}": n for p, n in (("equal", 512), ("half", 1024), ("volatile", 1024))},
+    **{f"crosscheck-{p}": n for p, n in (("tail", 1024), ("tailgroup", 1024), ("zeroread", 512))},
 }
 HOLE = 300  # pages of hole before, between and after the two halves of a workload
 
@@ -195,7 +141,7 @@ def passes(layout: str, *, holes: bool, npasses: int = 4) -> list[tuple[Counters
     Between passes 2 and 3 the second half is unmapped and mapped again
     (its items go, then come back as first seen).
     """
-    fill, npages = LAYOUTS[layout]
+    npages = LAYOUTS[layout]
     half = npages // 2
     engine = Engine()
     space = FakeSpace()
@@ -205,8 +151,9 @@ def passes(layout: str, *, holes: bool, npasses: int = 4) -> list[tuple[Counters
     if holes:
         space.add_mapping(first, half)
         space.add_mapping(second, half)
-    fill(space, first, half)
-    fill(space, second, half)
+    pages = workload(layout.removeprefix("crosscheck-"), half)
+    space.map(first, pages)
+    space.map(second, pages)
     engine.register(engine.new_sma(), space, base, total)
     # A region wholly in the hole, and one with the workload's copy twice over.
     engine.register(engine.new_sma(), space, HOLE_ADDR, 5000)

@@ -11,47 +11,16 @@ rounds (budgets that cut batches anywhere), which must agree.
 
 from __future__ import annotations
 
-import random
 import zlib
 
 import pytest
 
-from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine, Slot
 from cuse_ksm.engine.check import check_engine
-from tests.engine.fakes import FakeSpace
+from tests.engine.fakes import FakeSpace, rewrite_volatile, workload
 
 ADDR = 0x7F10_0000_0000
 PASSES = 4
-
-
-def _dup50(npages: int) -> list[bytes]:
-    """bench/workload.py's dup50, with 64 duplicate contents so that a small region repeats them."""
-    rng = random.Random(2009)
-    dups = [rng.randbytes(PAGE_SIZE) for _ in range(64)]
-    return [dups[(i // 2) % 64] if i % 2 == 0 else rng.randbytes(PAGE_SIZE) for i in range(npages)]
-
-
-def _tail8(npages: int) -> list[bytes]:
-    return [bytes(PAGE_SIZE - 8) + i.to_bytes(8, "little") for i in range(npages)]
-
-
-def _crosscheck(pattern: str, npages: int) -> list[bytes]:
-    """tests/c/ksm_crosscheck.c's patterns (zeroread's read-only pages are set apart by the caller)."""
-    out: list[bytes] = []
-    for i in range(npages):
-        p = bytearray(b"\x6b" * PAGE_SIZE)
-        if pattern == "half":
-            v = 1000 + i if i % 2 else (i // 2) % 4
-            p[:8] = v.to_bytes(8, "little")
-        elif pattern == "volatile" and i % 4 == 3:
-            p[:8] = i.to_bytes(8, "little")
-        elif pattern == "tail":
-            p[-8:] = i.to_bytes(8, "little")
-        elif pattern == "tailgroup":
-            p[-8:] = (i // 8).to_bytes(8, "little")
-        out.append(bytes(p))
-    return out
 
 
 LAYOUTS = {
@@ -67,28 +36,9 @@ LAYOUTS = {
 
 
 def _space(layout: str) -> FakeSpace:
-    npages = LAYOUTS[layout]
     space = FakeSpace()
-    if layout == "dup50":
-        space.map(ADDR, _dup50(npages))
-    elif layout == "tail8":
-        space.map(ADDR, _tail8(npages))
-    else:
-        space.map(ADDR, _crosscheck("equal" if layout == "zeroread" else layout, npages))
-    if layout == "zeroread":
-        for i in range(1, npages, 2):
-            at = ADDR + i * PAGE_SIZE
-            del space.pages[at]
-            space.zero.add(at)
+    space.map(ADDR, workload(layout, LAYOUTS[layout]))
     return space
-
-
-def _volatile_write(space: FakeSpace, counter: int) -> None:
-    """ksm_crosscheck's writer thread: bytes 8-15 of every page 3 mod 4 get a new counter."""
-    for i in range(3, LAYOUTS["volatile"], 4):
-        at = ADDR + i * PAGE_SIZE
-        data = space.pages[at]
-        space.pages[at] = data[:8] + counter.to_bytes(8, "little") + data[16:]
 
 
 def _states(slot: Slot) -> int:
@@ -118,10 +68,10 @@ def _run(layout: str, budget: int | None, *, interrupted: bool = False) -> list[
                 engine.scan_step(budget)
                 if layout == "volatile":
                     writes += 1
-                    _volatile_write(space, writes)
+                    rewrite_volatile(space, ADDR, LAYOUTS["volatile"], writes)
         if layout == "volatile" and budget is None:
             writes += 1
-            _volatile_write(space, writes)
+            rewrite_volatile(space, ADDR, LAYOUTS["volatile"], writes)
         c = engine.counters()
         c_ = (c.pages_shared, c.pages_sharing, c.pages_unshared, c.pages_volatile, c.pages_scanned, c.rmap_items)
         out.append((*c_, slot.pages_merged, _states(slot)))
