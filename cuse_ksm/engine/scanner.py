@@ -228,21 +228,12 @@ class Scanner:
         anywhere: the round ends, as the kernel's scan ends with an empty
         pass, rather than spin).
         """
-        while True:
-            slot = self.registry.ring.get(self._cursor_seq)
-            if slot is None or slot.gone or self._cursor_idx >= slot.npages:
-                slot = self._advance()
-                if slot is None:
-                    return 0
-            end = self._at_mapped(slot)
-            if end:
-                break
-            # The rest of the slot was a hole (or its process is gone).
-            met, scans = self._pass_met_mapped, self.tally.full_scans
-            if self._advance() is None:
-                return 0
-            if self.tally.full_scans != scans:
-                return 0 if met else budget
+        met, scans = self._pass_met_mapped, self.tally.full_scans
+        at = self._settle()
+        if at is None:
+            # At the wrap (or nothing is registered that can be scanned).
+            return 0 if met or self.tally.full_scans == scans else budget
+        slot, end = at
         self._pass_met_mapped = True
         idx = self._cursor_idx
         # BATCH_PAGES divides CHUNK_PAGES: a batch never straddles two chunks.
@@ -261,15 +252,17 @@ class Scanner:
             self._settle()
         return n
 
-    def _settle(self) -> None:
-        """After a batch that ended a mapped run: move the cursor on to the next mapped page, or to the wrap.
+    def _settle(self) -> tuple[Slot, int] | None:
+        """Move the cursor on to the next mapped page; returns its slot and the end of its mapped run.
 
-        So a pass ends with the step that scans its last mapped page, as
-        the 2009 loop's ended with its last address, even when holes or
-        the regions of an exited process follow that page (they cost
-        nothing): a round of exactly a pass's pages is one pass, and
-        ``full_scans`` moves when that round ends, not at the start of the
-        next.  It stops at the wrap: no mapping of the next pass is read.
+        None when it stopped at the wrap, or nothing is live.  Called at the
+        start of a step and after a batch that ended a mapped run, so a pass
+        ends with the step that scans its last mapped page, as the 2009
+        loop's ended with its last address, even when holes or the regions
+        of an exited process follow that page (they cost nothing): a round
+        of exactly a pass's pages is one pass, and ``full_scans`` moves when
+        that round ends, not at the start of the next.  It stops at the
+        wrap: no mapping of the next pass is read before its first step.
         """
         scans = self.tally.full_scans
         while True:
@@ -277,9 +270,10 @@ class Scanner:
             if slot is None or slot.gone or self._cursor_idx >= slot.npages:
                 slot = self._advance()
                 if slot is None or self.tally.full_scans != scans:
-                    return
-            if self._at_mapped(slot):
-                return
+                    return None
+            end = self._at_mapped(slot)
+            if end:
+                return slot, end
 
     def _advance(self) -> Slot | None:
         """Move the cursor to the start of the next live slot, wrapping at the end.
