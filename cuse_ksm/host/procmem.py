@@ -42,6 +42,19 @@ its shared memory (it uses *more* memory once scanned), and with
 page without a pin and leave it shared, at ~25 % more time per byte
 (docs/benchmarks.md).
 
+The copy of a single run of present pages started by
+:meth:`ProcessMemory.start_read` (the scanner reading its next window
+ahead) is made by glibc's POSIX AIO (``aio_read``): glibc's helper thread
+runs the pread without the GIL while the main thread works on the pages it
+read before.  Everything else stays on the main thread: pagemap is read
+and the runs planned before the copy, and the checks below run when the
+scanner collects the read, after the copy.  ``aio_init`` is called once,
+before the first request, to allow one helper thread that exits after a
+second idle: at most one thread besides ours, none soon after the scanner
+stops.  Every read has an owner that collects it, and :meth:`close` waits
+for a read in flight before it closes the fds (else the helper thread
+could read an fd number reused meanwhile).
+
 The mem fd reads the mm it pinned or nothing, so a pid reused meanwhile
 cannot redirect it.  An exec'd process keeps its pid but its old mm dies:
 reads then return 0 bytes, and the check after every copy tells that from
@@ -58,12 +71,14 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import re
 import select
 import struct
 from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
+from cuse_ksm.engine.registry import PendingRead, ReadDone
 from cuse_ksm.host import procfs
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
@@ -173,6 +188,8 @@ class ProcessMemory:
     mem_fd: int
     maps_fd: int
     closed: bool = field(default=False)
+    # Reads whose copy glibc's AIO thread may still be making (close() waits for them).
+    inflight: list[_Read] = field(default_factory=list, repr=False)
 
     @classmethod
     def open(cls, tid: int) -> ProcessMemory:
@@ -242,40 +259,28 @@ class ProcessMemory:
         present but unreadable), or None once the process or its mm is gone.
         See the module docstring for why the checks come after the copy.
         """
+        return self._start(addr, npages, into, ahead=False).result()
+
+    def start_read(self, addr: int, npages: int, into: mmap.mmap) -> PendingRead:
+        """As :meth:`read_pages`, the copy of a single run made by glibc's AIO thread while the caller goes on."""
+        return self._start(addr, npages, into, ahead=True)
+
+    def _start(self, addr: int, npages: int, into: mmap.mmap, ahead: bool) -> PendingRead:
+        """Read pagemap and plan the runs here; copy them now, or (``ahead``, one run) through aio_read."""
         if self.closed:
-            return None
+            return ReadDone(None)
         present = self.present(addr, npages)
         if present is None or PAGE_COPIED not in present:
-            return present
-        local = _address_of(into)
+            return ReadDone(present)
         # Runs of consecutive present pages, one iovec each.
         if present.count(PAGE_COPIED) == npages:
             runs = [(0, npages)]
         else:
             runs = [(m.start(), m.end()) for m in _RUNS.finditer(present)]
-        out: bytearray | None = None
-        while runs:
-            got = self._pread(local, addr, runs)
-            # The reads stop at the first page that cannot be read: unmapped
-            # since we read pagemap, present but unreadable (I/O memory), or
-            # the mm is gone (checked below).  That page is marked
-            # PAGE_UNREADABLE; the read resumes after it.
-            left = got >> PAGE_SHIFT
-            for r, (start, end) in enumerate(runs):
-                if left >= end - start:
-                    left -= end - start
-                    continue
-                bad = start + left
-                if out is None:
-                    out = bytearray(present)
-                out[bad] = PAGE_UNREADABLE
-                runs = ([(bad + 1, end)] if bad + 1 < end else []) + runs[r + 1 :]
-                break
-            else:
-                runs = []
-        if not self.alive():
-            return None
-        return present if out is None else bytes(out)
+        read = _Read(self, addr, into, present, runs)
+        if not (ahead and len(runs) == 1 and _aio is not None and read.submit(_aio)):
+            read.got = self._pread(read.local, addr, runs)
+        return read
 
     def _pread(self, local: int, addr: int, runs: list[tuple[int, int]]) -> int:
         """The page ``runs`` at ``addr`` into ``local``, one preadv a run: bytes read, up to the first page it cannot.
@@ -374,7 +379,191 @@ class ProcessMemory:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            # glibc's thread may still be reading mem_fd for a read started
+            # ahead: wait for it first.  Closed under it, the fd number could
+            # be reused by the next open, and the copy read from that file.
+            # The read's owner gets None from it (closed, checked first).
+            while self.inflight:
+                self.inflight[0].wait()
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
             os.close(self.mem_fd)
             os.close(self.maps_fd)
+
+
+class _Read:
+    """One read of ``runs`` of present pages (a :class:`~cuse_ksm.engine.PendingRead`): copied already, or in flight.
+
+    ``got`` is the bytes the first copy read (up to the first page it could
+    not); :meth:`result` resumes after such a page, on the main thread,
+    then checks the process.  While in flight, the read holds ``into``
+    (whose address glibc writes to: an mmap with an exported pointer cannot
+    be closed, and this reference keeps it from being freed) and its aiocb,
+    and is listed in its space's ``inflight``.
+    """
+
+    __slots__ = ("addr", "cb", "got", "into", "local", "present", "runs", "space")
+
+    def __init__(self, space: ProcessMemory, addr: int, into: mmap.mmap, present: bytes, runs: list[tuple[int, int]]):
+        self.space = space
+        self.addr = addr
+        self.into = into
+        self.local = _address_of(into)
+        self.present = present
+        self.runs = runs
+        self.got = 0
+        self.cb: _Aiocb | None = None
+
+    def submit(self, aio: _Aio) -> bool:
+        """Hand the single run to aio_read; False if glibc refused it (the caller then copies it itself)."""
+        start, end = self.runs[0]
+        cb = _Aiocb()
+        cb.aio_fildes = self.space.mem_fd
+        cb.aio_buf = self.local + (start << PAGE_SHIFT)
+        cb.aio_nbytes = (end - start) << PAGE_SHIFT
+        cb.aio_offset = self.addr + (start << PAGE_SHIFT)
+        cb.aio_sigevent.sigev_notify = _SIGEV_NONE  # collected by polling: no signal, no thread
+        if aio.read(ctypes.byref(cb)) != 0:
+            return False  # EAGAIN: out of resources
+        self.cb = cb
+        self.space.inflight.append(self)
+        return True
+
+    def ready(self) -> bool:
+        cb = self.cb
+        return cb is None or _aio is None or _aio.error(ctypes.byref(cb)) != errno.EINPROGRESS
+
+    def wait(self) -> None:
+        """Until glibc's copy is done (if there is one); then it is reaped and no thread touches it any more."""
+        cb = self.cb
+        if cb is None or _aio is None:
+            return
+        ref = ctypes.byref(cb)
+        wanted = (ctypes.c_void_p * 1)(ctypes.addressof(cb))
+        while _aio.error(ref) == errno.EINPROGRESS:
+            _aio.suspend(wanted, 1, None)  # EINTR: asked again
+        # -1: not even the first page could be read (EIO), as _pread's 0.
+        self.got = max(_aio.return_(ref), 0)
+        self.cb = None
+        self.space.inflight.remove(self)
+
+    def result(self) -> bytes | None:
+        self.wait()
+        space = self.space
+        if space.closed:
+            return None  # closed while in flight: its fds are gone, so is the process for us
+        addr, local, present, runs = self.addr, self.local, self.present, self.runs
+        got = self.got
+        out: bytearray | None = None
+        while True:
+            # The reads stop at the first page that cannot be read: unmapped
+            # since we read pagemap, present but unreadable (I/O memory), or
+            # the mm is gone (checked below).  That page is marked
+            # PAGE_UNREADABLE; the read resumes after it.
+            left = got >> PAGE_SHIFT
+            for r, (start, end) in enumerate(runs):
+                if left >= end - start:
+                    left -= end - start
+                    continue
+                bad = start + left
+                if out is None:
+                    out = bytearray(present)
+                out[bad] = PAGE_UNREADABLE
+                runs = ([(bad + 1, end)] if bad + 1 < end else []) + runs[r + 1 :]
+                break
+            else:
+                runs = []
+            if not runs:
+                break
+            got = space._pread(local, addr, runs)
+        if not space.alive():
+            return None
+        return present if out is None else bytes(out)
+
+
+# glibc's POSIX AIO through ctypes.  The structures below are glibc's on
+# x86_64 (<aio.h>, <bits/types/sigevent_t.h>); elsewhere AIO is not used
+# and every read is synchronous.
+_SIGEV_NONE = 1
+
+
+class _Sigevent(ctypes.Structure):
+    _fields_ = [
+        ("sigev_value", ctypes.c_void_p),
+        ("sigev_signo", ctypes.c_int),
+        ("sigev_notify", ctypes.c_int),
+        ("_rest", ctypes.c_byte * 48),
+    ]
+
+
+class _Aiocb(ctypes.Structure):
+    _fields_ = [
+        ("aio_fildes", ctypes.c_int),
+        ("aio_lio_opcode", ctypes.c_int),
+        ("aio_reqprio", ctypes.c_int),
+        ("aio_buf", ctypes.c_void_p),
+        ("aio_nbytes", ctypes.c_size_t),
+        ("aio_sigevent", _Sigevent),
+        ("_next_prio", ctypes.c_void_p),
+        ("_abs_prio", ctypes.c_int),
+        ("_policy", ctypes.c_int),
+        ("_error_code", ctypes.c_int),
+        ("_return_value", ctypes.c_ssize_t),
+        ("aio_offset", ctypes.c_int64),
+        ("_reserved", ctypes.c_char * 32),
+    ]
+
+
+class _Aioinit(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_int)
+        for name in (
+            "aio_threads",
+            "aio_num",
+            "aio_locks",
+            "aio_usedba",
+            "aio_debug",
+            "aio_numusers",
+            "aio_idle_time",
+            "aio_reserved",
+        )
+    ]
+
+
+class _Aio:
+    """glibc's aio_read, aio_error, aio_return and aio_suspend, after aio_init."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        # The layouts are glibc x86_64's: a wrong one would have glibc read
+        # and write the wrong fields of our memory.
+        assert ctypes.sizeof(_Sigevent) == 64 and ctypes.sizeof(_Aiocb) == 168 and ctypes.sizeof(_Aioinit) == 32
+        self.read = lib.aio_read
+        self.read.argtypes = (ctypes.c_void_p,)
+        self.error = lib.aio_error
+        self.error.argtypes = (ctypes.c_void_p,)
+        self.return_ = lib.aio_return
+        self.return_.argtypes = (ctypes.c_void_p,)
+        self.return_.restype = ctypes.c_ssize_t
+        self.suspend = lib.aio_suspend
+        self.suspend.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+        # Before the first request (afterwards glibc ignores the thread
+        # count): one helper thread, which exits after aio_idle_time (one
+        # second, glibc's shortest: 0 means "keep the default") without work.
+        init = _Aioinit(aio_threads=1, aio_num=1, aio_idle_time=1)
+        lib.aio_init(ctypes.byref(init))
+
+
+def _load_aio() -> _Aio | None:
+    if platform.machine() != "x86_64" or platform.libc_ver()[0] != "glibc":
+        return None
+    for name in ("libc.so.6", "librt.so.1"):  # in libc since glibc 2.34, librt before
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError:
+            continue
+        if hasattr(lib, "aio_read") and hasattr(lib, "aio_init"):
+            return _Aio(lib)
+    return None
+
+
+_aio = _load_aio()
