@@ -81,7 +81,7 @@ _ITEMS = array("B", bytes((ITEM,)) * CHUNK_PAGES)
 _UNSTABLES = array("B", bytes((UNSTABLE,)) * CHUNK_PAGES)
 _GATE_STATES = bytes((ITEM, UNSTABLE))  # a page in one of these states, unchanged, goes to the unstable tree
 
-# A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
+# A batch is up to BATCH_PAGES pages (512 KiB) of a window read and their
 # processing, about 0.5 ms: the unit of work between two chances for the
 # daemon to answer a request (see kksmd.py).
 BATCH_PAGES = CHUNK_PAGES // 2
@@ -102,6 +102,11 @@ WINDOW_PAGES = 4 * BATCH_PAGES
 # (the scanner stopped, new parameters) leaves a window behind, and what is
 # scanned after a pause must be what the memory holds then.
 WINDOW_SECONDS = 0.01
+# ... and none is started for this long after a request interrupted the
+# scanner: the copy runs on the other CPU, where the clients that call us
+# run (on 2 CPUs, reading ahead while a client calls ioctls back to back
+# made the p99 of its round trips 3x worse, docs/benchmarks.md row 10).
+AHEAD_PAUSE = 0.01
 
 
 def _never() -> bool:
@@ -139,8 +144,10 @@ class Scanner:
         # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
         self.max_kernel_pages = 0
         # Asked between pages of a batch: True ends the batch early, at the
-        # page it has reached (see INTERRUPT_PAGES).  Set by the driver.
-        self.interrupt: Callable[[], bool] = _never
+        # page it has reached (see INTERRUPT_PAGES).  Set by the driver
+        # (the interrupt property); a True also pauses the read-ahead.
+        self._pending: Callable[[], bool] = _never
+        self._ahead_from = 0.0  # no read ahead starts before this (AHEAD_PAUSE)
         # The cursor: the ring key of the slot it is in, and the page index.
         self._cursor_seq = 0  # 0: before the first slot
         self._cursor_idx = 0
@@ -166,6 +173,21 @@ class Scanner:
         # window (a slot numbered, forgotten, or its process gone): a window
         # read before is not used after.
         self._epoch = 0
+
+    @property
+    def interrupt(self) -> Callable[[], bool]:
+        """What the scanner asks between pages: True ends the batch (see INTERRUPT_PAGES)."""
+        return self._interrupted
+
+    @interrupt.setter
+    def interrupt(self, pending: Callable[[], bool]) -> None:
+        self._pending = pending
+
+    def _interrupted(self) -> bool:
+        if self._pending():
+            self._ahead_from = time.perf_counter() + AHEAD_PAUSE
+            return True
+        return False
 
     # -- slots coming and going ------------------------------------------------------
 
@@ -434,6 +456,7 @@ class Scanner:
         behind).  A window, or a read ahead, is used only by the cursor that
         reaches it in the same slot and epoch, within WINDOW_SECONDS of its
         read; any other is dropped (a read ahead after its copy is done).
+        No read ahead starts within AHEAD_PAUSE of a request's interrupt.
 
         None, when the read ahead is not done and ``interrupt()`` says a
         request waits: the step ends there (0 pages) rather than make the
@@ -474,7 +497,7 @@ class Scanner:
             return win  # the process is gone: nothing to read ahead
         self._win = win
         lo, hi = win.hi, min(end, win.hi + WINDOW_PAGES, idx + budget)
-        if lo < hi:
+        if lo < hi and now >= self._ahead_from:
             other = buf ^ 1
             try:
                 read = slot.space.start_read(slot.base + (lo << PAGE_SHIFT), hi - lo, self._bufs[other])

@@ -9,7 +9,7 @@ from xxhash import xxh3_64_intdigest
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.engine.scanner import BATCH_PAGES, WINDOW_PAGES
+from cuse_ksm.engine.scanner import AHEAD_PAUSE, BATCH_PAGES, WINDOW_PAGES
 from tests.engine.fakes import FakeSpace, unique_page
 
 A = 0x7F00_0000_0000
@@ -99,8 +99,9 @@ def test_a_step_whose_read_ahead_is_not_done_while_a_request_waits_returns_at_on
     # Done: the batch runs (pages seen for the first time: all of it in one go).
     assert scanner.step(N) == BATCH_PAGES
     assert (ahead.results, ahead.waited) == (1, False)
-    # With no request waiting, a step waits for its read ahead.
+    # With no request waiting (and AHEAD_PAUSE over), a step waits for its read ahead.
     scanner.interrupt = lambda: False
+    scanner._ahead_from = 0.0
     while len(space.started) == 1:
         scanner.step(N)
     later = space.started[1]
@@ -151,3 +152,28 @@ def test_a_window_older_than_window_seconds_is_read_again() -> None:
     assert scanner.step(N) == BATCH_PAGES
     assert ahead.results == 1 and space.reads == 4  # collected; the batch read again, and the next window ahead
     assert digest(engine, 0, BATCH_PAGES) == xxh3_64_intdigest(unique_page(10**6))
+
+
+def test_no_read_ahead_starts_for_ahead_pause_after_a_request_interrupted() -> None:
+    engine, (space,) = setup(A)
+    scanner = engine.scanner
+    waiting = [False]
+    scanner.interrupt = lambda: waiting[0]
+    # Pages seen once, so that the batch loop asks interrupt() (not the first-sight path).
+    scanner.step(N)
+    for read in space.started:
+        read.done = True
+    while scanner.tally.full_scans == 0:
+        scanner.step(N)
+    waiting[0] = True
+    assert 0 < scanner.step(N) < BATCH_PAGES  # a request ends the batch (its window's read ahead had started)...
+    started = len(space.started)
+    waiting[0] = False
+    for _ in range(6):
+        scanner.step(N)
+    # ... and for AHEAD_PAUSE every batch is read when it is scanned.
+    assert len(space.started) == started and scanner.tally.pages_scanned > N + 3 * BATCH_PAGES
+    assert scanner._ahead_from - AHEAD_PAUSE > 0
+    scanner._ahead_from -= AHEAD_PAUSE  # the pause is over
+    scanner.step(N)
+    assert len(space.started) == started + 1
