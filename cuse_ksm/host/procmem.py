@@ -44,16 +44,16 @@ page without a pin and leave it shared, at ~25 % more time per byte
 
 The copy of a single run of present pages started by
 :meth:`ProcessMemory.start_read` (the scanner reading its next window
-ahead) is made by glibc's POSIX AIO (``aio_read``): glibc's helper thread
-runs the pread without the GIL while the main thread works on the pages it
-read before.  Everything else stays on the main thread: pagemap is read
-and the runs planned before the copy, and the checks below run when the
-scanner collects the read, after the copy.  ``aio_init`` is called once,
-before the first request, to allow one helper thread that exits after a
-second idle: at most one thread besides ours, none soon after the scanner
-stops.  Every read has an owner that collects it, and :meth:`close` waits
-for a read in flight before it closes the fds (else the helper thread
-could read an fd number reused meanwhile).
+ahead) is made by the kernel through io_uring (cuse_ksm/host/uring.py):
+one of its io-wq workers runs the pread while the main thread works on
+the pages it read before, with no thread and no GIL of ours involved.
+Everything else stays on the main thread: pagemap is read and the runs
+planned before the copy, and the checks below run when the scanner
+collects the read, after the copy.  A copy that comes back short is made
+again synchronously, so that an unreadable page is found and marked
+exactly as a synchronous read finds it.  Every read has an owner that
+collects it, and :meth:`close` waits for a read in flight before it
+closes the fds (else the worker could read an fd number reused meanwhile).
 
 The mem fd reads the mm it pinned or nothing, so a pid reused meanwhile
 cannot redirect it.  An exec'd process keeps its pid but its old mm dies:
@@ -71,7 +71,6 @@ import errno
 import fcntl
 import mmap
 import os
-import platform
 import re
 import select
 import struct
@@ -79,7 +78,7 @@ from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.engine.registry import PendingRead, ReadDone
-from cuse_ksm.host import procfs
+from cuse_ksm.host import procfs, uring
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PM_ENTRY = 8  # bytes per pagemap entry
@@ -188,7 +187,7 @@ class ProcessMemory:
     mem_fd: int
     maps_fd: int
     closed: bool = field(default=False)
-    # Reads whose copy glibc's AIO thread may still be making (close() waits for them).
+    # Reads whose copy the kernel may still be making (close() waits for them).
     inflight: list[_Read] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -262,11 +261,11 @@ class ProcessMemory:
         return self._start(addr, npages, into, ahead=False).result()
 
     def start_read(self, addr: int, npages: int, into: mmap.mmap) -> PendingRead:
-        """As :meth:`read_pages`, the copy of a single run made by glibc's AIO thread while the caller goes on."""
+        """As :meth:`read_pages`, the copy of a single run made by the kernel (io_uring) while the caller goes on."""
         return self._start(addr, npages, into, ahead=True)
 
     def _start(self, addr: int, npages: int, into: mmap.mmap, ahead: bool) -> PendingRead:
-        """Read pagemap and plan the runs here; copy them now, or (``ahead``, one run) through aio_read."""
+        """Read pagemap and plan the runs here; copy them now, or (``ahead``, one run) through io_uring."""
         if self.closed:
             return ReadDone(None)
         present = self.present(addr, npages)
@@ -278,7 +277,8 @@ class ProcessMemory:
         else:
             runs = [(m.start(), m.end()) for m in _RUNS.finditer(present)]
         read = _Read(self, addr, into, present, runs)
-        if not (ahead and len(runs) == 1 and _aio is not None and read.submit(_aio)):
+        ring = uring.ring() if ahead and len(runs) == 1 else None
+        if ring is None or not read.submit(ring):
             read.got = self._pread(read.local, addr, runs)
         return read
 
@@ -379,7 +379,7 @@ class ProcessMemory:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            # glibc's thread may still be reading mem_fd for a read started
+            # The kernel may still be reading mem_fd for a read started
             # ahead: wait for it first.  Closed under it, the fd number could
             # be reused by the next open, and the copy read from that file.
             # The read's owner gets None from it (closed, checked first).
@@ -396,13 +396,13 @@ class _Read:
 
     ``got`` is the bytes the first copy read (up to the first page it could
     not); :meth:`result` resumes after such a page, on the main thread,
-    then checks the process.  While in flight, the read holds ``into``
-    (whose address glibc writes to: an mmap with an exported pointer cannot
-    be closed, and this reference keeps it from being freed) and its aiocb,
-    and is listed in its space's ``inflight``.
+    then checks the process.  While in flight (``token`` set), the read
+    holds ``into`` (whose address the kernel writes to: an mmap with an
+    exported pointer cannot be closed, and this reference keeps it from
+    being freed) and is listed in its space's ``inflight``.
     """
 
-    __slots__ = ("addr", "cb", "got", "into", "local", "present", "runs", "space")
+    __slots__ = ("addr", "got", "into", "local", "present", "ring", "runs", "space", "token")
 
     def __init__(self, space: ProcessMemory, addr: int, into: mmap.mmap, present: bytes, runs: list[tuple[int, int]]):
         self.space = space
@@ -412,40 +412,44 @@ class _Read:
         self.present = present
         self.runs = runs
         self.got = 0
-        self.cb: _Aiocb | None = None
+        self.ring: uring.Ring | None = None
+        self.token = 0
 
-    def submit(self, aio: _Aio) -> bool:
-        """Hand the single run to aio_read; False if glibc refused it (the caller then copies it itself)."""
+    def submit(self, ring: uring.Ring) -> bool:
+        """Hand the single run to io_uring; False if the kernel refused it (the caller then copies it itself)."""
         start, end = self.runs[0]
-        cb = _Aiocb()
-        cb.aio_fildes = self.space.mem_fd
-        cb.aio_buf = self.local + (start << PAGE_SHIFT)
-        cb.aio_nbytes = (end - start) << PAGE_SHIFT
-        cb.aio_offset = self.addr + (start << PAGE_SHIFT)
-        cb.aio_sigevent.sigev_notify = _SIGEV_NONE  # collected by polling: no signal, no thread
-        if aio.read(ctypes.byref(cb)) != 0:
-            return False  # EAGAIN: out of resources
-        self.cb = cb
+        try:
+            self.token = ring.read(
+                self.space.mem_fd,
+                self.local + (start << PAGE_SHIFT),
+                (end - start) << PAGE_SHIFT,
+                self.addr + (start << PAGE_SHIFT),
+            )
+        except OSError:
+            return False
+        self.ring = ring
         self.space.inflight.append(self)
         return True
 
     def ready(self) -> bool:
-        cb = self.cb
-        return cb is None or _aio is None or _aio.error(ctypes.byref(cb)) != errno.EINPROGRESS
+        return self.ring is None or self.ring.done(self.token)
 
     def wait(self) -> None:
-        """Until glibc's copy is done (if there is one); then it is reaped and no thread touches it any more."""
-        cb = self.cb
-        if cb is None or _aio is None:
+        """Until the kernel's copy is done (if there is one); then nothing touches ``into`` or the fd for it."""
+        ring = self.ring
+        if ring is None:
             return
-        ref = ctypes.byref(cb)
-        wanted = (ctypes.c_void_p * 1)(ctypes.addressof(cb))
-        while _aio.error(ref) == errno.EINPROGRESS:
-            _aio.suspend(wanted, 1, None)  # EINTR: asked again
-        # -1: not even the first page could be read (EIO), as _pread's 0.
-        self.got = max(_aio.return_(ref), 0)
-        self.cb = None
+        res = ring.wait(self.token)
+        self.ring = None
         self.space.inflight.remove(self)
+        start, end = self.runs[0]
+        if res != (end - start) << PAGE_SHIFT and not self.space.closed:
+            # Short, or an error: copied again here, so that the first page
+            # that cannot be read is found as a synchronous read finds it
+            # (a short read through io_uring may have been retried, and an
+            # error says nothing of the pages before the bad one).
+            res = self.space._pread(self.local, self.addr, self.runs)
+        self.got = max(res, 0)
 
     def result(self) -> bytes | None:
         self.wait()
@@ -479,91 +483,3 @@ class _Read:
         if not space.alive():
             return None
         return present if out is None else bytes(out)
-
-
-# glibc's POSIX AIO through ctypes.  The structures below are glibc's on
-# x86_64 (<aio.h>, <bits/types/sigevent_t.h>); elsewhere AIO is not used
-# and every read is synchronous.
-_SIGEV_NONE = 1
-
-
-class _Sigevent(ctypes.Structure):
-    _fields_ = [
-        ("sigev_value", ctypes.c_void_p),
-        ("sigev_signo", ctypes.c_int),
-        ("sigev_notify", ctypes.c_int),
-        ("_rest", ctypes.c_byte * 48),
-    ]
-
-
-class _Aiocb(ctypes.Structure):
-    _fields_ = [
-        ("aio_fildes", ctypes.c_int),
-        ("aio_lio_opcode", ctypes.c_int),
-        ("aio_reqprio", ctypes.c_int),
-        ("aio_buf", ctypes.c_void_p),
-        ("aio_nbytes", ctypes.c_size_t),
-        ("aio_sigevent", _Sigevent),
-        ("_next_prio", ctypes.c_void_p),
-        ("_abs_prio", ctypes.c_int),
-        ("_policy", ctypes.c_int),
-        ("_error_code", ctypes.c_int),
-        ("_return_value", ctypes.c_ssize_t),
-        ("aio_offset", ctypes.c_int64),
-        ("_reserved", ctypes.c_char * 32),
-    ]
-
-
-class _Aioinit(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_int)
-        for name in (
-            "aio_threads",
-            "aio_num",
-            "aio_locks",
-            "aio_usedba",
-            "aio_debug",
-            "aio_numusers",
-            "aio_idle_time",
-            "aio_reserved",
-        )
-    ]
-
-
-class _Aio:
-    """glibc's aio_read, aio_error, aio_return and aio_suspend, after aio_init."""
-
-    def __init__(self, lib: ctypes.CDLL) -> None:
-        # The layouts are glibc x86_64's: a wrong one would have glibc read
-        # and write the wrong fields of our memory.
-        assert ctypes.sizeof(_Sigevent) == 64 and ctypes.sizeof(_Aiocb) == 168 and ctypes.sizeof(_Aioinit) == 32
-        self.read = lib.aio_read
-        self.read.argtypes = (ctypes.c_void_p,)
-        self.error = lib.aio_error
-        self.error.argtypes = (ctypes.c_void_p,)
-        self.return_ = lib.aio_return
-        self.return_.argtypes = (ctypes.c_void_p,)
-        self.return_.restype = ctypes.c_ssize_t
-        self.suspend = lib.aio_suspend
-        self.suspend.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
-        # Before the first request (afterwards glibc ignores the thread
-        # count): one helper thread, which exits after aio_idle_time (one
-        # second, glibc's shortest: 0 means "keep the default") without work.
-        init = _Aioinit(aio_threads=1, aio_num=1, aio_idle_time=1)
-        lib.aio_init(ctypes.byref(init))
-
-
-def _load_aio() -> _Aio | None:
-    if platform.machine() != "x86_64" or platform.libc_ver()[0] != "glibc":
-        return None
-    for name in ("libc.so.6", "librt.so.1"):  # in libc since glibc 2.34, librt before
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-        except OSError:
-            continue
-        if hasattr(lib, "aio_read") and hasattr(lib, "aio_init"):
-            return _Aio(lib)
-    return None
-
-
-_aio = _load_aio()
