@@ -134,7 +134,10 @@ async def scan(engine: Engine, npages: int, quiet: _Quiet | None = None) -> None
         # so the next step waits for the read if it must: the loop never
         # spins without yielding, and the scan goes on.
         left -= engine.scan_step(left)
-        if quiet is not None and quiet.interrupts():
+        # Asked through the engine, which notes a yes as the scanner's own
+        # (no read ahead for a while: the copy would take the CPU that the
+        # client calling us needs).
+        if quiet is not None and engine.interrupted():
             for _ in range(YIELDS_TO_A_REQUEST):
                 await trio.lowlevel.checkpoint()
                 if not quiet.pending():

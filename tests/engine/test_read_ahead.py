@@ -177,3 +177,26 @@ def test_no_read_ahead_starts_for_ahead_pause_after_a_request_interrupted() -> N
     scanner._ahead_from -= AHEAD_PAUSE  # the pause is over
     scanner.step(N)
     assert len(space.started) == started + 1
+
+
+def test_a_request_the_driver_sees_between_steps_pauses_the_read_ahead_too() -> None:
+    engine, (space,) = setup(A)
+    scanner = engine.scanner
+    waiting = [False]
+    engine.interrupt_when(lambda: waiting[0])
+    scanner.step(N)
+    assert len(space.started) == 1
+    for read in space.started:
+        read.done = True
+    while len(space.started) == 1:
+        scanner.step(N)  # the next window is started when this one is taken into use
+    assert not engine.interrupted()
+    waiting[0] = True
+    assert engine.interrupted()  # kksmd's check after a step (kksmd.scan)
+    waiting[0] = False
+    started = len(space.started)
+    for read in space.started:
+        read.done = True
+    for _ in range(8):
+        scanner.step(N)
+    assert len(space.started) == started  # for AHEAD_PAUSE, batches are read when scanned
