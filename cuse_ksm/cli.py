@@ -27,7 +27,7 @@ from cuse_ksm import __version__, abi, controltree, kksmd, pages, status, trace
 from cuse_ksm.daemon import NoCuseError, Server, open_cuse_channel
 from cuse_ksm.device import HostView, KsmDevice
 from cuse_ksm.engine import Engine
-from cuse_ksm.host import hostksm, procfs, ptrace
+from cuse_ksm.host import hostksm, procfs, ptrace, uring
 from cuse_ksm.host.procmem import ProcessMemory
 from cuse_ksm.session import CuseSession, NodeAccess
 
@@ -219,6 +219,10 @@ async def run_daemon(args: argparse.Namespace, serve_loop: ServeLoop = Server.se
                 # In kernel mode the host's ksmd does the merging; our scanner
                 # would only recount it, at the cost of a whole CPU taken from
                 # ksmd (docs/benchmarks.md, "Really merging").
+                # The ring the scanner reads ahead through is made now, so
+                # that its fd is one of the daemon's from the start.
+                if uring.ring() is None:
+                    log.info("io_uring is not available: the scanner copies every page itself, on one CPU")
                 await nursery.start(functools.partial(kksmd.run, engine, pending=server.waiting))
             if stats_dir:
                 # Imported here: pyfuse3 (libfuse3) is needed only by a daemon that mounts.

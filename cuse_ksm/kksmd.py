@@ -127,8 +127,17 @@ async def scan(engine: Engine, npages: int, quiet: _Quiet | None = None) -> None
     clock = time.perf_counter
     next_yield = clock() + YIELD_SECONDS
     while left > 0 and registry.live_pages > 0:
+        # A step may return 0 while pages are left: its read ahead was not
+        # done and a request waits (Scanner._window).  That is the case
+        # below (the request still waits: nothing read it since), which
+        # yields; after that quiet.interrupts() says no for SCAN_AT_LEAST,
+        # so the next step waits for the read if it must: the loop never
+        # spins without yielding, and the scan goes on.
         left -= engine.scan_step(left)
-        if quiet is not None and quiet.interrupts():
+        # Asked through the engine, which notes a yes as the scanner's own
+        # (no read ahead for a while: the copy would take the CPU that the
+        # client calling us needs).
+        if quiet is not None and engine.interrupted():
             for _ in range(YIELDS_TO_A_REQUEST):
                 await trio.lowlevel.checkpoint()
                 if not quiet.pending():

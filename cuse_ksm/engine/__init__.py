@@ -19,7 +19,7 @@ from cuse_ksm.engine.core import Engine
 from cuse_ksm.engine.counters import Counters, ProcessStat
 from cuse_ksm.engine.memory import EngineMemory
 from cuse_ksm.engine.pages import STATE_NAMES, PageSurvey, Run
-from cuse_ksm.engine.registry import AddressSpace, Slot, Sma
+from cuse_ksm.engine.registry import AddressSpace, PendingRead, ReadDone, Slot, Sma
 from cuse_ksm.engine.trees import KsmPage, RmapChunk, RmapItem, StableTree, UnstableTree
 
 __all__ = [
@@ -30,7 +30,9 @@ __all__ = [
     "EngineMemory",
     "KsmPage",
     "PageSurvey",
+    "PendingRead",
     "ProcessStat",
+    "ReadDone",
     "RmapChunk",
     "RmapItem",
     "Run",

@@ -170,6 +170,14 @@ class Engine:
         """
         self.scanner.interrupt = pending if pending is not None else _never
 
+    def interrupted(self) -> bool:
+        """Ask the driver's ``pending()`` as the scanner does between pages (see :meth:`interrupt_when`).
+
+        For the driver's own check between two steps: a yes counts as one
+        the scanner met (it pauses the read-ahead, Scanner.interrupt).
+        """
+        return self.scanner.interrupt()
+
     def scan_step(self, budget: int) -> int:
         """Scan one batch (at most ``budget`` pages, about 0.5 ms of work); returns the pages stepped over."""
         return self.scanner.step(budget)

@@ -18,7 +18,8 @@ occupy, from their sizes (``sys.getsizeof``), without walking every page:
   of pages_sharing, so the metadata leaves them out;
 * ``slots``: the :class:`~cuse_ksm.engine.registry.Slot` objects, and the
   list that numbers them for the unstable tree;
-* ``buffer``: the scanner's read buffer (512 KiB) and its page views, a
+* ``buffer``: the scanner's two read buffers (2 MiB each: the window it
+  scans and the one read ahead) and their page views, a
   fixed cost whatever is registered.
 
 The figure per registered page leaves the fixed buffer out, as ``make

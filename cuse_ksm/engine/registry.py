@@ -52,6 +52,16 @@ class AddressSpace(Protocol):
         """
         ...
 
+    def start_read(self, addr: int, npages: int, into: mmap.mmap) -> PendingRead:
+        """Start what :meth:`read_pages` does; its :meth:`PendingRead.result` is what that returns.
+
+        The copy may go on after the call returns (the scanner reads the
+        next window of pages while it works on this one): until
+        ``result()`` has been called, nothing may read or write ``into``,
+        nor start another read into it.
+        """
+        ...
+
     def read_page(self, addr: int) -> bytes | None:
         """The page at ``addr`` if it is present, else None."""
         ...
@@ -66,6 +76,34 @@ class AddressSpace(Protocol):
         is gone for good.
         """
         ...
+
+
+class PendingRead(Protocol):
+    """A read started by :meth:`AddressSpace.start_read`."""
+
+    def ready(self) -> bool:
+        """True once :meth:`result` would return without waiting for the copy."""
+        ...
+
+    def result(self) -> bytes | None:
+        """What :meth:`AddressSpace.read_pages` would have returned, once the copy is done (it waits for it).
+
+        Called once, by whoever started the read.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ReadDone:
+    """A :class:`PendingRead` whose copy was made at once: for reads that were synchronous."""
+
+    found: bytes | None
+
+    def ready(self) -> bool:
+        return True
+
+    def result(self) -> bytes | None:
+        return self.found
 
 
 @dataclass(eq=False)

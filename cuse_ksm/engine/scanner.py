@@ -42,7 +42,7 @@ from xxhash import xxh3_64_intdigest
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
 from cuse_ksm.engine.counters import Tally
-from cuse_ksm.engine.registry import AddressSpace, Registry, Slot
+from cuse_ksm.engine.registry import AddressSpace, PendingRead, Registry, Slot
 from cuse_ksm.engine.trees import (
     CHUNK_MASK,
     CHUNK_PAGES,
@@ -81,7 +81,7 @@ _ITEMS = array("B", bytes((ITEM,)) * CHUNK_PAGES)
 _UNSTABLES = array("B", bytes((UNSTABLE,)) * CHUNK_PAGES)
 _GATE_STATES = bytes((ITEM, UNSTABLE))  # a page in one of these states, unchanged, goes to the unstable tree
 
-# A batch is one read of up to BATCH_PAGES pages (512 KiB) and their
+# A batch is up to BATCH_PAGES pages (512 KiB) of a window read and their
 # processing, about 0.5 ms: the unit of work between two chances for the
 # daemon to answer a request (see kksmd.py).
 BATCH_PAGES = CHUNK_PAGES // 2
@@ -94,10 +94,43 @@ BATCH_SECONDS = 0.0005
 # batch are done, so that a driver that always has something waiting (a
 # client calling ioctls back to back) still lets the scan move on.
 INTERRUPT_PAGES = 16
+# Pages are read a window at a time, the next window while the scanner
+# works on this one (Scanner._window): 2 MiB, which still stays in the
+# CPU's cache until its batches are done.
+WINDOW_PAGES = 4 * BATCH_PAGES
+# No page is taken from a read made longer ago than this: a round cut short
+# (the scanner stopped, new parameters) leaves a window behind, and what is
+# scanned after a pause must be what the memory holds then.
+WINDOW_SECONDS = 0.01
+# ... and none is started for this long after a request interrupted the
+# scanner: the copy runs on the other CPU, where the clients that call us
+# run (on 2 CPUs, reading ahead while a client calls ioctls back to back
+# made the p99 of its round trips 3x worse, docs/benchmarks.md row 10).
+AHEAD_PAUSE = 0.01
 
 
 def _never() -> bool:
     return False
+
+
+class _Window:
+    """Pages [lo, hi) of ``slot`` read into buffer ``buf`` (0 or 1) at ``t``, while the scanner's epoch was ``epoch``.
+
+    ``read`` is the read of the window ahead (its copy may be in flight),
+    ``found`` what the current window's read returned.
+    """
+
+    __slots__ = ("buf", "epoch", "found", "hi", "lo", "read", "slot", "t")
+
+    def __init__(self, slot: Slot, lo: int, hi: int, buf: int, epoch: int, t: float, read: PendingRead | None) -> None:
+        self.slot = slot
+        self.lo = lo
+        self.hi = hi
+        self.buf = buf
+        self.epoch = epoch
+        self.t = t
+        self.read = read
+        self.found: bytes | None = None
 
 
 class Scanner:
@@ -111,8 +144,10 @@ class Scanner:
         # Limit on shared pages (the v4 patch's max_kernel_pages); 0 = none.
         self.max_kernel_pages = 0
         # Asked between pages of a batch: True ends the batch early, at the
-        # page it has reached (see INTERRUPT_PAGES).  Set by the driver.
-        self.interrupt: Callable[[], bool] = _never
+        # page it has reached (see INTERRUPT_PAGES).  Set by the driver
+        # (the interrupt property); a True also pauses the read-ahead.
+        self._pending: Callable[[], bool] = _never
+        self._ahead_from = 0.0  # no read ahead starts before this (AHEAD_PAUSE)
         # The cursor: the ring key of the slot it is in, and the page index.
         self._cursor_seq = 0  # 0: before the first slot
         self._cursor_idx = 0
@@ -123,16 +158,42 @@ class Scanner:
         self._spans: tuple[list[int], list[int]] | None = None
         # The pass under way has scanned a batch (met a page inside a mapping).
         self._pass_met_mapped = False
-        # One page-aligned buffer for all batch reads, and a view of each of
-        # its pages, made once (slicing a memoryview copies nothing).
-        self._buf = mmap.mmap(-1, BATCH_PAGES * PAGE_SIZE)
-        view = memoryview(self._buf)
-        self._pages = [view[o : o + PAGE_SIZE] for o in range(0, BATCH_PAGES * PAGE_SIZE, PAGE_SIZE)]
+        # Two page-aligned buffers of a window each, the current window's and
+        # the one read ahead, and a view of each of their pages, made once
+        # (slicing a memoryview copies nothing).
+        self._bufs = (mmap.mmap(-1, WINDOW_PAGES * PAGE_SIZE), mmap.mmap(-1, WINDOW_PAGES * PAGE_SIZE))
+        views = [memoryview(buf) for buf in self._bufs]  # one each: its pages' views share it
+        self._views = tuple(
+            [view[o : o + PAGE_SIZE] for o in range(0, WINDOW_PAGES * PAGE_SIZE, PAGE_SIZE)] for view in views
+        )
+        # The window the batches are carved from, and the read of the next.
+        self._win: _Window | None = None
+        self._ahead: _Window | None = None
+        # Bumped whenever pages or slot numbers may have changed under a
+        # window (a slot numbered, forgotten, or its process gone): a window
+        # read before is not used after.
+        self._epoch = 0
+
+    @property
+    def interrupt(self) -> Callable[[], bool]:
+        """What the scanner asks between pages: True ends the batch (see INTERRUPT_PAGES)."""
+        return self._interrupted
+
+    @interrupt.setter
+    def interrupt(self, pending: Callable[[], bool]) -> None:
+        self._pending = pending
+
+    def _interrupted(self) -> bool:
+        if self._pending():
+            self._ahead_from = time.perf_counter() + AHEAD_PAUSE
+            return True
+        return False
 
     # -- slots coming and going ------------------------------------------------------
 
     def number(self, slot: Slot) -> None:
         """Give a new slot its number for the unstable tree's ``loc`` values."""
+        self._epoch += 1
         slot.no = len(self.numbered)
         self.numbered.append(slot)
 
@@ -140,6 +201,7 @@ class Scanner:
         """``slots`` left the registry: their pages leave both trees."""
         if not slots:
             return
+        self._epoch += 1
         for slot in slots:
             self._drop_slot_items(slot)
         # As the 2009 driver does on removal, drop the whole unstable tree
@@ -176,6 +238,7 @@ class Scanner:
 
     def _space_gone(self, space: AddressSpace) -> None:
         """The process exited (or exec'd): its pages leave the trees; its slots stay registered."""
+        self._epoch += 1
         for slot in self.registry.ring.values():
             if slot.space is space and not slot.gone:
                 self._drop_slot_items(slot)
@@ -201,8 +264,10 @@ class Scanner:
         return RmapItem(slot, index, state, chunk.word[k], None)
 
     def buffer_bytes(self) -> int:
-        """The read buffer and its page views: the scanner's fixed cost, whatever is registered."""
-        return len(self._buf) + sys.getsizeof(self._pages) + sum(map(sys.getsizeof, self._pages))
+        """The two read buffers and their page views: the scanner's fixed cost, whatever is registered."""
+        return sum(len(buf) for buf in self._bufs) + sum(
+            sys.getsizeof(pages) + sum(map(sys.getsizeof, pages)) for pages in self._views
+        )
 
     def rmap_items(self, slot: Slot) -> int:
         """How many reverse-map items ``slot`` holds (its pages seen present), for per-process figures.
@@ -239,7 +304,7 @@ class Scanner:
         # BATCH_PAGES divides CHUNK_PAGES: a batch never straddles two chunks.
         n = min(budget, end - idx, BATCH_PAGES - (idx & (BATCH_PAGES - 1)))
         try:
-            n = self._scan_batch(slot, idx, n)
+            n = self._scan_batch(slot, idx, n, end, budget)
             if idx + n > slot.visited:
                 slot.visited = idx + n
         except Exception:
@@ -380,19 +445,91 @@ class Scanner:
 
     # -- cmp_and_merge_page, one batch at a time ---------------------------------
 
-    def _scan_batch(self, slot: Slot, idx: int, n: int) -> int:
+    def _window(self, slot: Slot, idx: int, n: int, end: int, budget: int) -> _Window | None:
+        """The window holding pages [idx, idx + n) of ``slot`` (or their start), read now or ahead.
+
+        A window is taken into use by the batch at its first page: the read
+        of the next one starts then, in the other buffer, from the window's
+        end to at most WINDOW_PAGES further, never past ``end`` (the mapped
+        run: no slot, hole or wrap is read across) nor past the pages left
+        in the round (``idx + budget``: a round that ends leaves no read
+        behind).  A window, or a read ahead, is used only by the cursor that
+        reaches it in the same slot and epoch, within WINDOW_SECONDS of its
+        read; any other is dropped (a read ahead after its copy is done).
+        No read ahead starts within AHEAD_PAUSE of a request's interrupt.
+
+        None, when the read ahead is not done and ``interrupt()`` says a
+        request waits: the step ends there (0 pages) rather than make the
+        request wait for a copy; the read is collected at the next step.
+        """
+        now = time.perf_counter()
+        win = self._win
+        if win is not None:
+            if (
+                win.slot is slot
+                and win.epoch == self._epoch
+                and win.lo <= idx < win.hi
+                and now - win.t < WINDOW_SECONDS
+            ):
+                return win
+            self._win = win = None
+        buf = 0
+        ahead = self._ahead
+        if ahead is not None:
+            assert ahead.read is not None
+            if not ahead.read.ready() and self.interrupt():
+                return None
+            # Its copy is done once result() returns: its buffer is free.
+            found = ahead.read.result()
+            ahead.read = None
+            self._ahead = None
+            if ahead.slot is slot and ahead.epoch == self._epoch and ahead.lo == idx and now - ahead.t < WINDOW_SECONDS:
+                ahead.found = found
+                win = ahead
+            buf = ahead.buf
+        if win is None:
+            # Nothing read ahead (a new mapped run, a slot, a pass, or a
+            # window dropped): this batch is read now, as the window.
+            found = slot.space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._bufs[buf])
+            win = _Window(slot, idx, idx + n, buf, self._epoch, now, None)
+            win.found = found
+        if win.found is None:
+            return win  # the process is gone: nothing to read ahead
+        self._win = win
+        lo, hi = win.hi, min(end, win.hi + WINDOW_PAGES, idx + budget)
+        if lo < hi and now >= self._ahead_from:
+            other = buf ^ 1
+            try:
+                read = slot.space.start_read(slot.base + (lo << PAGE_SHIFT), hi - lo, self._bufs[other])
+            except Exception:
+                # Not read ahead; the batch that needs these pages reads them
+                # itself, and meets (and counts) the same failure.
+                return win
+            self._ahead = _Window(slot, lo, hi, other, self._epoch, time.perf_counter(), read)
+        return win
+
+    def _scan_batch(self, slot: Slot, idx: int, n: int, end: int, budget: int) -> int:
         """Read pages [idx, idx + n) of ``slot`` and run each present one through the algorithm.
 
-        Returns how many pages were handled (n, unless the time budget cut
-        the batch short).  This is the emulator's hot loop: counters are kept
-        in locals and folded in at the end, and the tree methods it calls
-        per page are bound once per batch.
+        Returns how many pages were handled: n, unless the time budget cut
+        the batch short or the window read ends before idx + n; 0 when
+        the read ahead is not done and a request waits (see _window).  This
+        is the emulator's hot loop: counters are kept in locals and folded
+        in at the end, and the tree methods it calls per page are bound
+        once per batch.
         """
         space = slot.space
-        found = space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._buf)
-        if found is None:
+        win = self._window(slot, idx, n, end, budget)
+        if win is None:
+            return 0
+        if win.found is None:
+            self._win = None
             self._space_gone(space)
             return n
+        off = idx - win.lo
+        n = min(n, win.hi - idx)
+        found = win.found[off : off + n]
+        pages = self._views[win.buf][off : off + n]
         # Zero pages and unreadable ones are rare: the loop takes them as not
         # present, and their state is set after it (_mark_absent).
         present = found if not found.translate(None, _PLAIN_READ) else found.translate(_IS_COPIED)
@@ -410,7 +547,6 @@ class Scanner:
             chunk.hold_items()
         state = chunk.state
         word = chunk.word
-        pages = self._pages
         # Every page's digest in one call, in C: a wasted hash of an absent
         # page's stale buffer costs less than a Python step per page.
         hashes = list(map(xxh3_64_intdigest, pages[:n]))

@@ -42,6 +42,19 @@ its shared memory (it uses *more* memory once scanned), and with
 page without a pin and leave it shared, at ~25 % more time per byte
 (docs/benchmarks.md).
 
+The copy of a single run of present pages started by
+:meth:`ProcessMemory.start_read` (the scanner reading its next window
+ahead) is made by the kernel through io_uring (cuse_ksm/host/uring.py):
+one of its io-wq workers runs the pread while the main thread works on
+the pages it read before, with no thread and no GIL of ours involved.
+Everything else stays on the main thread: pagemap is read and the runs
+planned before the copy, and the checks below run when the scanner
+collects the read, after the copy.  A copy that comes back short is made
+again synchronously, so that an unreadable page is found and marked
+exactly as a synchronous read finds it.  Every read has an owner that
+collects it, and :meth:`close` waits for a read in flight before it
+closes the fds (else the worker could read an fd number reused meanwhile).
+
 The mem fd reads the mm it pinned or nothing, so a pid reused meanwhile
 cannot redirect it.  An exec'd process keeps its pid but its old mm dies:
 reads then return 0 bytes, and the check after every copy tells that from
@@ -64,7 +77,8 @@ import struct
 from dataclasses import dataclass, field
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
-from cuse_ksm.host import procfs
+from cuse_ksm.engine.registry import PendingRead, ReadDone
+from cuse_ksm.host import procfs, uring
 
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 PM_ENTRY = 8  # bytes per pagemap entry
@@ -173,6 +187,8 @@ class ProcessMemory:
     mem_fd: int
     maps_fd: int
     closed: bool = field(default=False)
+    # Reads whose copy the kernel may still be making (close() waits for them).
+    inflight: list[_Read] = field(default_factory=list, repr=False)
 
     @classmethod
     def open(cls, tid: int) -> ProcessMemory:
@@ -242,40 +258,29 @@ class ProcessMemory:
         present but unreadable), or None once the process or its mm is gone.
         See the module docstring for why the checks come after the copy.
         """
+        return self._start(addr, npages, into, ahead=False).result()
+
+    def start_read(self, addr: int, npages: int, into: mmap.mmap) -> PendingRead:
+        """As :meth:`read_pages`, the copy of a single run made by the kernel (io_uring) while the caller goes on."""
+        return self._start(addr, npages, into, ahead=True)
+
+    def _start(self, addr: int, npages: int, into: mmap.mmap, ahead: bool) -> PendingRead:
+        """Read pagemap and plan the runs here; copy them now, or (``ahead``, one run) through io_uring."""
         if self.closed:
-            return None
+            return ReadDone(None)
         present = self.present(addr, npages)
         if present is None or PAGE_COPIED not in present:
-            return present
-        local = _address_of(into)
+            return ReadDone(present)
         # Runs of consecutive present pages, one iovec each.
         if present.count(PAGE_COPIED) == npages:
             runs = [(0, npages)]
         else:
             runs = [(m.start(), m.end()) for m in _RUNS.finditer(present)]
-        out: bytearray | None = None
-        while runs:
-            got = self._pread(local, addr, runs)
-            # The reads stop at the first page that cannot be read: unmapped
-            # since we read pagemap, present but unreadable (I/O memory), or
-            # the mm is gone (checked below).  That page is marked
-            # PAGE_UNREADABLE; the read resumes after it.
-            left = got >> PAGE_SHIFT
-            for r, (start, end) in enumerate(runs):
-                if left >= end - start:
-                    left -= end - start
-                    continue
-                bad = start + left
-                if out is None:
-                    out = bytearray(present)
-                out[bad] = PAGE_UNREADABLE
-                runs = ([(bad + 1, end)] if bad + 1 < end else []) + runs[r + 1 :]
-                break
-            else:
-                runs = []
-        if not self.alive():
-            return None
-        return present if out is None else bytes(out)
+        read = _Read(self, addr, into, present, runs)
+        ring = uring.ring() if ahead and len(runs) == 1 else None
+        if ring is None or not read.submit(ring):
+            read.got = self._pread(read.local, addr, runs)
+        return read
 
     def _pread(self, local: int, addr: int, runs: list[tuple[int, int]]) -> int:
         """The page ``runs`` at ``addr`` into ``local``, one preadv a run: bytes read, up to the first page it cannot.
@@ -374,7 +379,107 @@ class ProcessMemory:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            # The kernel may still be reading mem_fd for a read started
+            # ahead: wait for it first.  Closed under it, the fd number could
+            # be reused by the next open, and the copy read from that file.
+            # The read's owner gets None from it (closed, checked first).
+            while self.inflight:
+                self.inflight[0].wait()
             os.close(self.pagemap_fd)
             os.close(self.pidfd)
             os.close(self.mem_fd)
             os.close(self.maps_fd)
+
+
+class _Read:
+    """One read of ``runs`` of present pages (a :class:`~cuse_ksm.engine.PendingRead`): copied already, or in flight.
+
+    ``got`` is the bytes the first copy read (up to the first page it could
+    not); :meth:`result` resumes after such a page, on the main thread,
+    then checks the process.  While in flight (``token`` set), the read
+    holds ``into`` (whose address the kernel writes to: an mmap with an
+    exported pointer cannot be closed, and this reference keeps it from
+    being freed) and is listed in its space's ``inflight``.
+    """
+
+    __slots__ = ("addr", "got", "into", "local", "present", "ring", "runs", "space", "token")
+
+    def __init__(self, space: ProcessMemory, addr: int, into: mmap.mmap, present: bytes, runs: list[tuple[int, int]]):
+        self.space = space
+        self.addr = addr
+        self.into = into
+        self.local = _address_of(into)
+        self.present = present
+        self.runs = runs
+        self.got = 0
+        self.ring: uring.Ring | None = None
+        self.token = 0
+
+    def submit(self, ring: uring.Ring) -> bool:
+        """Hand the single run to io_uring; False if the kernel refused it (the caller then copies it itself)."""
+        start, end = self.runs[0]
+        try:
+            self.token = ring.read(
+                self.space.mem_fd,
+                self.local + (start << PAGE_SHIFT),
+                (end - start) << PAGE_SHIFT,
+                self.addr + (start << PAGE_SHIFT),
+            )
+        except OSError:
+            return False
+        self.ring = ring
+        self.space.inflight.append(self)
+        return True
+
+    def ready(self) -> bool:
+        return self.ring is None or self.ring.done(self.token)
+
+    def wait(self) -> None:
+        """Until the kernel's copy is done (if there is one); then nothing touches ``into`` or the fd for it."""
+        ring = self.ring
+        if ring is None:
+            return
+        res = ring.wait(self.token)
+        self.ring = None
+        self.space.inflight.remove(self)
+        start, end = self.runs[0]
+        if res != (end - start) << PAGE_SHIFT and not self.space.closed:
+            # Short, or an error: copied again here, so that the first page
+            # that cannot be read is found as a synchronous read finds it
+            # (a short read through io_uring may have been retried, and an
+            # error says nothing of the pages before the bad one).
+            res = self.space._pread(self.local, self.addr, self.runs)
+        self.got = max(res, 0)
+
+    def result(self) -> bytes | None:
+        self.wait()
+        space = self.space
+        if space.closed:
+            return None  # closed while in flight: its fds are gone, so is the process for us
+        addr, local, present, runs = self.addr, self.local, self.present, self.runs
+        got = self.got
+        out: bytearray | None = None
+        while True:
+            # The reads stop at the first page that cannot be read: unmapped
+            # since we read pagemap, present but unreadable (I/O memory), or
+            # the mm is gone (checked below).  That page is marked
+            # PAGE_UNREADABLE; the read resumes after it.
+            left = got >> PAGE_SHIFT
+            for r, (start, end) in enumerate(runs):
+                if left >= end - start:
+                    left -= end - start
+                    continue
+                bad = start + left
+                if out is None:
+                    out = bytearray(present)
+                out[bad] = PAGE_UNREADABLE
+                runs = ([(bad + 1, end)] if bad + 1 < end else []) + runs[r + 1 :]
+                break
+            else:
+                runs = []
+            if not runs:
+                break
+            got = space._pread(local, addr, runs)
+        if not space.alive():
+            return None
+        return present if out is None else bytes(out)

@@ -6,7 +6,7 @@ import mmap
 import random
 
 from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_UNREADABLE, PAGE_ZERO
-from cuse_ksm.engine import Engine, Slot
+from cuse_ksm.engine import Engine, ReadDone, Slot
 from cuse_ksm.engine.check import check_engine
 
 
@@ -143,6 +143,10 @@ class FakeSpace:
                 into[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = data
                 present[i] = PAGE_COPIED
         return bytes(present)
+
+    def start_read(self, addr: int, npages: int, into: mmap.mmap) -> ReadDone:
+        """Synchronous: the read is made now (the scanner's read-ahead then sees the pages as they are now)."""
+        return ReadDone(self.read_pages(addr, npages, into))
 
     def mapped(self, addr: int, npages: int) -> list[tuple[int, int]] | None:
         if self.gone:

@@ -16,6 +16,7 @@ import pytest
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
+from cuse_ksm.engine.scanner import WINDOW_PAGES
 from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
 
 BASE = 0x10000000
@@ -126,10 +127,10 @@ def traced_engine(kind: str, n: int) -> tuple[Engine, int]:
 def test_the_engines_own_count_of_its_memory_agrees_with_tracemalloc(kind: str) -> None:
     e, traced = traced_engine(kind, 8192)
     m = e.memory()
-    # tracemalloc sees neither the unstable table nor the read buffer
+    # tracemalloc sees neither the unstable table nor the two read buffers
     # (anonymous mappings), which the engine counts in full.
     # A few KiB of small fixed objects (the registry, the SMA) are not counted.
-    unseen = e.unstable.nbytes() + 128 * PAGE_SIZE
+    unseen = e.unstable.nbytes() + 2 * WINDOW_PAGES * PAGE_SIZE
     assert m.total - unseen == pytest.approx(traced, rel=0.02, abs=8192)
     assert m.metadata + m.copies == m.total
     assert m.copies == e.counters().pages_shared * (PAGE_SIZE + 33)  # one bytes object per shared page
@@ -151,5 +152,5 @@ def test_an_empty_engine_spends_only_its_fixed_parts() -> None:
     m = Engine().memory()
     assert (m.rmap, m.copies, m.registered_pages, m.rmap_items) == (0, 0, 0, 0)
     assert m.slots == sys.getsizeof([None])  # no slot, only the unstable tree's numbering list
-    assert m.buffer >= 128 * PAGE_SIZE and m.per_registered_page == 0.0
+    assert m.buffer >= 2 * WINDOW_PAGES * PAGE_SIZE and m.per_registered_page == 0.0
     assert m.profit == -m.metadata

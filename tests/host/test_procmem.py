@@ -5,15 +5,17 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import closing
 
 import pytest
 
-from cuse_ksm.abi import PAGE_SIZE, PAGE_ZERO
-from cuse_ksm.engine import Engine
+from cuse_ksm.abi import PAGE_COPIED, PAGE_SIZE, PAGE_ZERO
+from cuse_ksm.engine import Engine, ReadDone
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.host import procmem
+from cuse_ksm.engine.scanner import WINDOW_PAGES
+from cuse_ksm.host import procmem, uring
 from cuse_ksm.host.procmem import ProcessMemory, pidfd_exited
 from tests.conftest import needs_root
 from tests.engine.fakes import full_scans
@@ -275,3 +277,163 @@ def test_the_issues_example_merges_within_two_passes_over_a_real_process(childre
     assert [engine.mapped_pages(s) for s in engine.slots] == [0, 256]
     check_engine(engine)
     engine.remove_regions(sma)
+
+
+# -- reads started ahead through io_uring (ProcessMemory.start_read) -------------------------------
+
+needs_uring = pytest.mark.skipif(uring.ring() is None, reason="io_uring on x86_64 only")
+
+
+class SyncMemory(ProcessMemory):
+    """ProcessMemory with every read made at once, as before the read-ahead."""
+
+    def start_read(self, addr: int, npages: int, into: mmap.mmap) -> ReadDone:
+        return ReadDone(self.read_pages(addr, npages, into))
+
+
+def states(engine: Engine) -> list[dict[int, bytes]]:
+    return [{ci: chunk.state.tobytes() for ci, chunk in slot.chunks.items()} for slot in engine.slots]
+
+
+@needs_uring
+def test_scanning_with_reads_ahead_gives_what_synchronous_reads_give(
+    children: list[Child], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = 5 * WINDOW_PAGES + 77
+    a, b = spawn(children, n), spawn(children, n)
+    for child in (a, b):
+        child.fill(0, n, 0)
+        child.stamp(0, n, 0)  # every page unique within the child, the same pair across the two
+    a.fill(100, 900, 0x11)
+    b.fill(2000, 300, 0x11)
+    b.unmap(1500, 200)  # a hole: no read ahead crosses it
+    submitted = []
+    submit = procmem._Read.submit
+
+    def counted(read: procmem._Read, ring: uring.Ring) -> bool:
+        ok = submit(read, ring)
+        submitted.append(ok)
+        return ok
+
+    monkeypatch.setattr(procmem._Read, "submit", counted)
+    engines = []
+    for kind in (ProcessMemory, SyncMemory):
+        engine = Engine()
+        for child in (a, b):
+            engine.register(engine.new_sma(), kind.open(child.pid), child.addr, n)
+        engines.append(engine)
+    ahead, sync = engines
+    for n_pass in range(4):
+        for engine in engines:
+            full_scans(engine, 1)
+            check_engine(engine)
+        assert ahead.counters() == sync.counters()
+        assert states(ahead) == states(sync)
+        if n_pass == 1:
+            a.fill(300, 50, 0x22)  # merged pages written: COW
+            b.stamp(2100, 20, 8)
+    c = ahead.counters()
+    assert c.pages_shared >= 2 and c.pages_sharing > 1000 and c.pages_unshared > 0
+    assert submitted and all(submitted)  # the io_uring path ran
+    for engine in engines:
+        for sma in list(engine.smas.values()):
+            engine.release_sma(sma)
+
+
+@needs_uring
+def test_close_waits_for_a_read_in_flight_before_closing_its_fds(children: list[Child]) -> None:
+    n = 8192  # 32 MiB: the copy takes milliseconds
+    child = spawn(children, n)
+    child.fill(0, n, 0x5A)
+    space = ProcessMemory.open(child.pid)
+    buf = mmap.mmap(-1, n * PAGE_SIZE)
+    read = space.start_read(child.addr, n, buf)
+    assert isinstance(read, procmem._Read) and space.inflight == [read] and not read.ready()
+    mem_fd = space.mem_fd
+    space.close()
+    # Done before close() returned: the kernel's worker no longer holds mem_fd's number...
+    assert space.inflight == [] and read.ready()
+    # ... which the next opens may take, and the read did not go there.
+    with tempfile.TemporaryFile() as f:
+        f.write(b"\xee" * PAGE_SIZE)
+        f.flush()
+        fds = [os.open(f"/proc/self/fd/{f.fileno()}", os.O_RDONLY) for _ in range(4)]
+    try:
+        assert mem_fd in fds
+        assert buf[-PAGE_SIZE:] == b"\x5a" * PAGE_SIZE and buf[:PAGE_SIZE] == b"\x5a" * PAGE_SIZE
+        assert read.result() is None  # closed: its owner gets "gone"
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@needs_uring
+def test_a_read_ahead_collected_after_its_process_exited_says_gone(children: list[Child]) -> None:
+    n = 4 * WINDOW_PAGES
+    child = spawn(children, n)
+    child.fill(0, n, 0x33)
+    space = ProcessMemory.open(child.pid)
+    buf = mmap.mmap(-1, n * PAGE_SIZE)
+    read = space.start_read(child.addr, n, buf)
+    assert space.inflight == [read]
+    child.exit()
+    # The copy may well have been made before the exit: the check after it says gone.
+    assert read.result() is None and space.inflight == []
+    space.close()
+
+
+@needs_uring
+def test_the_scanner_drops_the_pages_of_a_process_that_exits_mid_window(children: list[Child]) -> None:
+    n = 4 * WINDOW_PAGES
+    a, b = spawn(children, n), spawn(children, n)
+    for child in (a, b):
+        child.fill(0, n, 0x44)
+    engine = Engine()
+    for child in (a, b):
+        engine.register(engine.new_sma(), ProcessMemory.open(child.pid), child.addr, n)
+    full_scans(engine, 2)
+    assert (engine.counters().pages_shared, engine.counters().pages_sharing) == (1, 2 * n - 1)
+    scanner = engine.scanner
+    scanner.step(2 * n)  # the first batch of a, the next window of a in flight
+    assert scanner._ahead is not None and isinstance(scanner._ahead.read, procmem._Read)
+    a.exit()
+    full_scans(engine, 1)
+    c = engine.counters()
+    assert (c.pages_shared, c.pages_sharing) == (1, n - 1)
+    assert engine.slots[0].chunks == {} and engine.errors == 0
+    check_engine(engine)
+
+
+@needs_uring
+def test_a_single_run_goes_to_io_uring_and_several_runs_are_read_at_once(children: list[Child]) -> None:
+    child = spawn(children, 64)
+    child.fill(0, 64, 0x66)
+    space = ProcessMemory.open(child.pid)
+    try:
+        buf = mmap.mmap(-1, 64 * PAGE_SIZE)
+        one = space.start_read(child.addr, 64, buf)
+        assert isinstance(one, procmem._Read) and one.ring is not None
+        assert one.result() == bytes([PAGE_COPIED]) * 64 and buf[: 64 * PAGE_SIZE] == b"\x66" * (64 * PAGE_SIZE)
+        child.unmap(10, 1)
+        several = space.start_read(child.addr, 64, buf)
+        assert isinstance(several, procmem._Read) and several.ring is None and space.inflight == []
+        assert several.result() == bytes([PAGE_COPIED]) * 10 + b"\x00" + bytes([PAGE_COPIED]) * 53
+    finally:
+        space.close()
+
+
+@needs_uring
+def test_a_read_ahead_the_kernel_returned_short_is_copied_again_as_a_synchronous_read(
+    children: list[Child], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short io_uring read does not say where the first unreadable page is: the run is read again here."""
+    child = spawn(children, 64)
+    child.fill(0, 64, 0x77)
+    wait = uring.Ring.wait
+    monkeypatch.setattr(uring.Ring, "wait", lambda ring, token: min(wait(ring, token), 20 * PAGE_SIZE + 100))
+    with closing(ProcessMemory.open(child.pid)) as space:
+        buf = mmap.mmap(-1, 64 * PAGE_SIZE)
+        read = space.start_read(child.addr, 64, buf)
+        assert isinstance(read, procmem._Read) and read.ring is not None
+        assert read.result() == bytes([PAGE_COPIED]) * 64
+        assert buf[:] == b"\x77" * (64 * PAGE_SIZE)

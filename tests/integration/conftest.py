@@ -323,6 +323,22 @@ def traced_by(pid: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def own_threads(pid: int) -> int:
+    """The daemon's threads, but for io_uring's kernel workers ("iou-wrk-PID").
+
+    The kernel starts one while the scanner reads ahead (cuse_ksm/host/uring.py)
+    and ends it after 5 s without work: a worker of the kernel's, not ours.
+    """
+    n = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/comm") as f:
+                n += not f.read().startswith("iou-wrk")
+        except FileNotFoundError:
+            continue  # a worker that just ended
+    return n
+
+
 def daemon_snapshot(pid: int) -> Snapshot:
     rss = 0
     with open(f"/proc/{pid}/status") as f:
@@ -331,7 +347,7 @@ def daemon_snapshot(pid: int) -> Snapshot:
                 rss = int(line.split()[1])
     return Snapshot(
         fds=len(os.listdir(f"/proc/{pid}/fd")),
-        threads=len(os.listdir(f"/proc/{pid}/task")),
+        threads=own_threads(pid),
         rss_kib=rss,
         traced=traced_by(pid),
     )
