@@ -168,15 +168,15 @@ class Engine:
         CUSE channel?"; the engine only calls it, and knows nothing of what
         it asks.  None: batches run to their end (or their time budget).
         """
-        self.scanner.interrupt = pending if pending is not None else _never
+        self.scanner.interrupt_when(pending if pending is not None else _never)
 
     def interrupted(self) -> bool:
         """Ask the driver's ``pending()`` as the scanner does between pages (see :meth:`interrupt_when`).
 
         For the driver's own check between two steps: a yes counts as one
-        the scanner met (it pauses the read-ahead, Scanner.interrupt).
+        the scanner met (it pauses the read-ahead, Scanner.interrupted).
         """
-        return self.scanner.interrupt()
+        return self.scanner.interrupted()
 
     def scan_step(self, budget: int) -> int:
         """Scan one batch (at most ``budget`` pages, about 0.5 ms of work); returns the pages stepped over."""

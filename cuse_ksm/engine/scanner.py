@@ -89,7 +89,7 @@ BATCH_PAGES = CHUNK_PAGES // 2
 # pages one at a time, which is slower than the common path).
 BATCH_SECONDS = 0.0005
 # ... or when the scanner's driver says something else is waiting to run
-# (Scanner.interrupt: in the daemon, a request on the CUSE channel).  It is
+# (Scanner.interrupt_when: in the daemon, a request on the CUSE channel).  It is
 # asked every INTERRUPT_PAGES pages, and not before that many pages of the
 # batch are done, so that a driver that always has something waiting (a
 # client calling ioctls back to back) still lets the scan move on.
@@ -132,6 +132,10 @@ class _Window:
         self.read = read
         self.found: bytes | None = None
 
+    def fresh(self, slot: Slot, epoch: int, now: float) -> bool:
+        """May the cursor in ``slot`` at ``epoch`` use this window at ``now``?  (Its pages are the caller's test.)"""
+        return self.slot is slot and self.epoch == epoch and now - self.t < WINDOW_SECONDS
+
 
 class Scanner:
     """The two trees, the reverse-map items' tally, and the cursor that walks the registry's ring."""
@@ -145,7 +149,7 @@ class Scanner:
         self.max_kernel_pages = 0
         # Asked between pages of a batch: True ends the batch early, at the
         # page it has reached (see INTERRUPT_PAGES).  Set by the driver
-        # (the interrupt property); a True also pauses the read-ahead.
+        # (interrupt_when); a True also pauses the read-ahead.
         self._pending: Callable[[], bool] = _never
         self._ahead_from = 0.0  # no read ahead starts before this (AHEAD_PAUSE)
         # The cursor: the ring key of the slot it is in, and the page index.
@@ -174,16 +178,12 @@ class Scanner:
         # read before is not used after.
         self._epoch = 0
 
-    @property
-    def interrupt(self) -> Callable[[], bool]:
-        """What the scanner asks between pages: True ends the batch (see INTERRUPT_PAGES)."""
-        return self._interrupted
-
-    @interrupt.setter
-    def interrupt(self, pending: Callable[[], bool]) -> None:
+    def interrupt_when(self, pending: Callable[[], bool]) -> None:
+        """Have the scanner ask ``pending()`` between pages: True ends the batch (see INTERRUPT_PAGES)."""
         self._pending = pending
 
-    def _interrupted(self) -> bool:
+    def interrupted(self) -> bool:
+        """Ask the driver's ``pending()``; a yes also pauses the read-ahead for AHEAD_PAUSE."""
         if self._pending():
             self._ahead_from = time.perf_counter() + AHEAD_PAUSE
             return True
@@ -465,25 +465,20 @@ class Scanner:
         now = time.perf_counter()
         win = self._win
         if win is not None:
-            if (
-                win.slot is slot
-                and win.epoch == self._epoch
-                and win.lo <= idx < win.hi
-                and now - win.t < WINDOW_SECONDS
-            ):
+            if win.fresh(slot, self._epoch, now) and win.lo <= idx < win.hi:
                 return win
             self._win = win = None
         buf = 0
         ahead = self._ahead
         if ahead is not None:
             assert ahead.read is not None
-            if not ahead.read.ready() and self.interrupt():
+            if not ahead.read.ready() and self.interrupted():
                 return None
             # Its copy is done once result() returns: its buffer is free.
             found = ahead.read.result()
             ahead.read = None
             self._ahead = None
-            if ahead.slot is slot and ahead.epoch == self._epoch and ahead.lo == idx and now - ahead.t < WINDOW_SECONDS:
+            if ahead.fresh(slot, self._epoch, now) and ahead.lo == idx:
                 ahead.found = found
                 win = ahead
             buf = ahead.buf
@@ -573,7 +568,7 @@ class Scanner:
         same = self._same_page
         clock = time.perf_counter
         deadline = clock() + BATCH_SECONDS
-        interrupt = self.interrupt
+        interrupt = self.interrupted
         loc0 = (slot.no << 32) | idx
         d_items = d_unshared = d_sharers = d_merged = scanned = 0
 

@@ -1,8 +1,9 @@
 """The libc entry points the OS adapters call through ctypes, declared once.
 
 Both the memory reader (``procmem``) and the fd hand-out (``ptrace``) copy
-memory across processes with process_vm_readv/writev; their prototypes live
-here so there is one declaration of each.
+memory across processes with process_vm_readv/writev, and ``uring`` makes
+the io_uring system calls, which glibc has no wrapper for; their prototypes
+live here so there is one declaration of each.
 """
 
 from __future__ import annotations
@@ -27,3 +28,7 @@ for _fn in (libc.process_vm_readv, libc.process_vm_writev):
 
 process_vm_readv = libc.process_vm_readv
 process_vm_writev = libc.process_vm_writev
+
+# long syscall(long number, ...): variadic, so no argtypes; callers pass ctypes values.
+libc.syscall.restype = ctypes.c_long
+syscall = libc.syscall

@@ -35,6 +35,8 @@ import os
 import platform
 import struct
 
+from cuse_ksm.host.libc import syscall
+
 # System call numbers, x86_64 (the same on every architecture since 5.1).
 _SYS_IO_URING_SETUP = 425
 _SYS_IO_URING_ENTER = 426
@@ -96,11 +98,8 @@ class Ring:
     """
 
     def __init__(self, entries: int = 4) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._syscall = self._libc.syscall
-        self._syscall.restype = ctypes.c_long
         p = _Params()
-        fd = self._syscall(_SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(p))
+        fd = syscall(_SYS_IO_URING_SETUP, ctypes.c_uint(entries), ctypes.byref(p))
         if fd < 0:
             e = ctypes.get_errno()
             raise OSError(e, f"io_uring_setup: {os.strerror(e)}")
@@ -129,7 +128,7 @@ class Ring:
         # One worker for reads of regular files, one for the rest (procfs
         # files are regular): ENOSYS/EINVAL before 5.15 leave the kernel's cap.
         workers = (ctypes.c_uint32 * 2)(1, 1)
-        self._syscall(_SYS_IO_URING_REGISTER, fd, _IORING_REGISTER_IOWQ_MAX_WORKERS, workers, 2)
+        syscall(_SYS_IO_URING_REGISTER, fd, _IORING_REGISTER_IOWQ_MAX_WORKERS, workers, 2)
 
     def read(self, fd: int, addr: int, length: int, offset: int) -> int:
         """Submit a pread of ``length`` bytes at ``offset`` of ``fd`` into memory at ``addr``; returns its token.
@@ -150,7 +149,7 @@ class Ring:
         # The entry is written before the tail that publishes it: stores are
         # not reordered with stores on x86 (hence x86_64 only, see ring()).
         sqw[self._sq_tail] = (tail + 1) & 0xFFFFFFFF
-        if self._syscall(_SYS_IO_URING_ENTER, self.fd, 1, 0, 0, None, 0) != 1:
+        if syscall(_SYS_IO_URING_ENTER, self.fd, 1, 0, 0, None, 0) != 1:
             e = ctypes.get_errno()
             # Not consumed: take the entry back, so the next read overwrites it.
             sqw[self._sq_tail] = tail
@@ -181,7 +180,7 @@ class Ring:
     def wait(self, token: int) -> int:
         """The result of read ``token`` (bytes read, or -errno), waiting for it if need be."""
         while not self.done(token):
-            if self._syscall(_SYS_IO_URING_ENTER, self.fd, 0, 1, _IORING_ENTER_GETEVENTS, None, 0) < 0:
+            if syscall(_SYS_IO_URING_ENTER, self.fd, 0, 1, _IORING_ENTER_GETEVENTS, None, 0) < 0:
                 e = ctypes.get_errno()
                 if e != errno.EINTR:
                     raise OSError(e, f"io_uring_enter: {os.strerror(e)}")

@@ -91,7 +91,7 @@ def test_a_step_whose_read_ahead_is_not_done_while_a_request_waits_returns_at_on
     scanner = engine.scanner
     assert scanner.step(N) == BATCH_PAGES
     (ahead,) = space.started
-    scanner.interrupt = lambda: True
+    scanner.interrupt_when(lambda: True)
     assert scanner.step(N) == 0  # no wait: kksmd yields to the request
     assert scanner.step(N) == 0
     assert ahead.results == 0 and scanner.tally.pages_scanned == BATCH_PAGES
@@ -100,7 +100,7 @@ def test_a_step_whose_read_ahead_is_not_done_while_a_request_waits_returns_at_on
     assert scanner.step(N) == BATCH_PAGES
     assert (ahead.results, ahead.waited) == (1, False)
     # With no request waiting (and AHEAD_PAUSE over), a step waits for its read ahead.
-    scanner.interrupt = lambda: False
+    scanner.interrupt_when(lambda: False)
     scanner._ahead_from = 0.0
     while len(space.started) == 1:
         scanner.step(N)
@@ -158,7 +158,7 @@ def test_no_read_ahead_starts_for_ahead_pause_after_a_request_interrupted() -> N
     engine, (space,) = setup(A)
     scanner = engine.scanner
     waiting = [False]
-    scanner.interrupt = lambda: waiting[0]
+    scanner.interrupt_when(lambda: waiting[0])
     # Pages seen once, so that the batch loop asks interrupt() (not the first-sight path).
     scanner.step(N)
     for read in space.started:
