@@ -7,7 +7,7 @@ import random
 import pytest
 
 from cuse_ksm.abi import PAGE_SIZE
-from cuse_ksm.engine import Engine, Slot, StableTree, UnstableTree
+from cuse_ksm.engine import Engine, Slot, StableTree, UnstableTree, scanner
 from cuse_ksm.engine.check import check_engine
 from cuse_ksm.engine.trees import ITEM, MERGED, UNSTABLE
 from tests.engine.fakes import FakeSpace, full_scans, page, unique_page
@@ -336,6 +336,25 @@ def test_stable_tree_chains_digest_collisions() -> None:
     assert len(tree) == 0 and not tree.by_checksum and 42 not in tree.digests
     assert tree.insert(1, b"x").id in (1, 2, 3)  # ids are reused
     assert 1 in tree.digests  # a live view
+
+
+def test_the_scanner_merges_a_page_into_the_shared_page_of_its_content_when_digests_collide(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A digest that collides for every page: a crafted collision, which
+    # xxh3 does not rule out.  Pages A0 A1 B0 B1 A2: the pass that merges
+    # makes shared page A, then B, listed first under the one digest; A2
+    # must be compared past B and join A.
+    monkeypatch.setattr(scanner, "xxh3_64_intdigest", lambda data: 7)
+    a, b = page(0xA), page(0xB)
+    engine, _, slots = setup((A, [a, a, b, b, a]))
+    full_scans(engine, 2)
+    c = engine.counters()
+    assert (c.pages_shared, c.pages_sharing, c.pages_unshared) == (2, 3, 0)
+    shared = [engine.rmap_item(slots[0], i).kpage for i in range(5)]
+    assert shared[0] is shared[1] is shared[4] and shared[0] is not None and shared[0].data == a
+    assert shared[2] is shared[3] and shared[2] is not None and shared[2].data == b
+    assert [k.sharers for k in engine.stable] == [3, 2]
 
 
 def test_unstable_tree_candidates_are_confirmed_and_collisions_kept() -> None:
