@@ -81,8 +81,8 @@ class AddressSpace(Protocol):
 class PendingRead(Protocol):
     """A read started by :meth:`AddressSpace.start_read`."""
 
-    def ready(self) -> bool:
-        """True once :meth:`result` would return without waiting for the copy."""
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True once :meth:`result` would return without waiting for the copy; waits up to ``timeout`` s for that."""
         ...
 
     def result(self) -> bytes | None:
@@ -99,7 +99,7 @@ class ReadDone:
 
     found: bytes | None
 
-    def ready(self) -> bool:
+    def ready(self, timeout: float = 0.0) -> bool:
         return True
 
     def result(self) -> bytes | None:

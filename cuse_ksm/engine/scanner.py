@@ -107,6 +107,11 @@ WINDOW_SECONDS = 0.01
 # run (on 2 CPUs, reading ahead while a client calls ioctls back to back
 # made the p99 of its round trips 3x worse, docs/benchmarks.md row 10).
 AHEAD_PAUSE = 0.01
+# A copy still being made when the scanner needs it is waited for in slices
+# of this long, the driver asked between two: the copy usually takes well
+# under a millisecond, but one whose kernel worker is not running can take
+# 10 ms, and a request waiting meanwhile must not (docs/benchmarks.md row 13).
+COPY_WAIT_SLICE = 0.00005
 
 
 def _never() -> bool:
@@ -458,9 +463,10 @@ class Scanner:
         read; any other is dropped (a read ahead after its copy is done).
         No read ahead starts within AHEAD_PAUSE of a request's interrupt.
 
-        None, when the read ahead is not done and ``interrupt()`` says a
-        request waits: the step ends there (0 pages) rather than make the
-        request wait for a copy; the read is collected at the next step.
+        None, when the read ahead is not done and ``interrupted()`` says a
+        request waits, now or while the copy is waited for: the step ends
+        there (0 pages) rather than make the request wait for the copy; the
+        read is collected at the next step.
         """
         now = time.perf_counter()
         win = self._win
@@ -472,8 +478,13 @@ class Scanner:
         ahead = self._ahead
         if ahead is not None:
             assert ahead.read is not None
-            if not ahead.read.ready() and self.interrupted():
-                return None
+            # Waited for in slices, asking between two whether a request
+            # waits (COPY_WAIT_SLICE).
+            timeout = 0.0
+            while not ahead.read.ready(timeout):
+                if self.interrupted():
+                    return None
+                timeout = COPY_WAIT_SLICE
             # Its copy is done once result() returns: its buffer is free.
             found = ahead.read.result()
             ahead.read = None

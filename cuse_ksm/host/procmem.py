@@ -431,8 +431,8 @@ class _Read:
         self.space.inflight.append(self)
         return True
 
-    def ready(self) -> bool:
-        return self.ring is None or self.ring.done(self.token)
+    def ready(self, timeout: float = 0.0) -> bool:
+        return self.ring is None or self.ring.done(self.token, timeout)
 
     def wait(self) -> None:
         """Until the kernel's copy is done (if there is one); then nothing touches ``into`` or the fd for it."""

@@ -42,6 +42,8 @@ _SYS_IO_URING_SETUP = 425
 _SYS_IO_URING_ENTER = 426
 _SYS_IO_URING_REGISTER = 427
 _IORING_ENTER_GETEVENTS = 1
+_IORING_ENTER_EXT_ARG = 8  # Linux 5.11: a wait with a timeout
+_IORING_FEAT_EXT_ARG = 1 << 8
 _IORING_OP_READ = 22  # Linux 5.6
 _IORING_REGISTER_IOWQ_MAX_WORKERS = 19  # Linux 5.15; older kernels keep their own cap
 # mmap offsets of the three shared areas.
@@ -79,6 +81,23 @@ class _Params(ctypes.Structure):
         ("resv", ctypes.c_uint32 * 3),
         ("sq_off", _SqringOffsets),
         ("cq_off", _CqringOffsets),
+    ]
+
+
+class _Timespec(ctypes.Structure):
+    """struct __kernel_timespec."""
+
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_int64)]
+
+
+class _GeteventsArg(ctypes.Structure):
+    """struct io_uring_getevents_arg: no signal mask, a timeout."""
+
+    _fields_ = [
+        ("sigmask", ctypes.c_uint64),
+        ("sigmask_sz", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("ts", ctypes.c_uint64),
     ]
 
 
@@ -122,6 +141,9 @@ class Ring:
         self._cqes = p.cq_off.cqes
         self._cq_mask = p.cq_entries - 1
         self.capacity = p.sq_entries  # reads in flight at most (the CQ ring holds twice as many)
+        self._timed_waits = bool(p.features & _IORING_FEAT_EXT_ARG)
+        self._ts = _Timespec()
+        self._arg = _GeteventsArg(0, 0, 0, ctypes.addressof(self._ts))
         self._next = 1
         self._inflight: set[int] = set()
         self._results: dict[int, int] = {}
@@ -170,21 +192,40 @@ class Ring:
             head = (head + 1) & 0xFFFFFFFF
         cqw[self._cq_head] = head
 
-    def done(self, token: int) -> bool:
-        """Has the read ``token`` completed?  (No system call.)"""
+    def done(self, token: int, timeout: float = 0.0) -> bool:
+        """Has the read ``token`` completed?  With a ``timeout`` (s), wait up to that long for a completion first.
+
+        Without a timeout, no system call.  A kernel before 5.11 cannot
+        wait with a timeout: there, the wait lasts until a completion.
+        """
         if token in self._results:
             return True
         self._reap()
+        if token not in self._results and timeout > 0:
+            self._wait_completion(timeout)
+            self._reap()
         return token in self._results
 
     def wait(self, token: int) -> int:
         """The result of read ``token`` (bytes read, or -errno), waiting for it if need be."""
         while not self.done(token):
-            if syscall(_SYS_IO_URING_ENTER, self.fd, 0, 1, _IORING_ENTER_GETEVENTS, None, 0) < 0:
-                e = ctypes.get_errno()
-                if e != errno.EINTR:
-                    raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
+            self._wait_completion(None)
         return self._results.pop(token)
+
+    def _wait_completion(self, timeout: float | None) -> None:
+        """Wait in the kernel until a completion is posted, or ``timeout`` s have passed (None: no limit)."""
+        if timeout is not None and self._timed_waits:
+            self._ts.tv_sec, self._ts.tv_nsec = divmod(int(timeout * 1e9), 1_000_000_000)
+            flags, arg, size = _IORING_ENTER_GETEVENTS | _IORING_ENTER_EXT_ARG, ctypes.byref(self._arg), 24
+        else:
+            flags, arg, size = _IORING_ENTER_GETEVENTS, None, 0
+        # syscall() is variadic: each argument is given its C type, so that
+        # no register the kernel reads in full holds stray upper bits.
+        enter = (ctypes.c_uint(0), ctypes.c_uint(1), ctypes.c_uint(flags), arg, ctypes.c_size_t(size))
+        if syscall(_SYS_IO_URING_ENTER, ctypes.c_int(self.fd), *enter) < 0:
+            e = ctypes.get_errno()
+            if e not in (errno.EINTR, errno.ETIME):
+                raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
 
 
 _ring: Ring | None = None

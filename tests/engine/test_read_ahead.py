@@ -9,7 +9,7 @@ from xxhash import xxh3_64_intdigest
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.engine.scanner import AHEAD_PAUSE, BATCH_PAGES, WINDOW_PAGES
+from cuse_ksm.engine.scanner import AHEAD_PAUSE, BATCH_PAGES, COPY_WAIT_SLICE, WINDOW_PAGES
 from tests.engine.fakes import FakeSpace, unique_page
 
 A = 0x7F00_0000_0000
@@ -18,7 +18,11 @@ N = 4 * WINDOW_PAGES
 
 
 class Later:
-    """A read whose copy is "in flight" until the test says it is done; records whether its owner waited."""
+    """A read whose copy is "in flight" until the test says it is done, or its owner waits for it; records waits.
+
+    A wait (``ready`` with a timeout, or ``result``) completes the copy,
+    unless the test ``held`` it: then only the test's ``done`` does.
+    """
 
     def __init__(self, found: bytes | None, lo: int) -> None:
         self.found = found
@@ -26,13 +30,18 @@ class Later:
         self.done = False
         self.results = 0
         self.waited = False
+        self.held = False
+        self.waits: list[float] = []  # the timeout of each ready() call
 
-    def ready(self) -> bool:
+    def ready(self, timeout: float = 0.0) -> bool:
+        self.waits.append(timeout)
+        if timeout and not self.done and not self.held:
+            self.done = self.waited = True  # a real copy would have ended during the wait
         return self.done
 
     def result(self) -> bytes | None:
         self.results += 1
-        self.waited = not self.done  # a real read would have blocked here
+        self.waited |= not self.done  # a real read would have blocked here
         self.done = True
         return self.found
 
@@ -108,6 +117,22 @@ def test_a_step_whose_read_ahead_is_not_done_while_a_request_waits_returns_at_on
     while later.results == 0:
         scanner.step(N)
     assert later.waited
+    check_engine(engine)
+
+
+def test_a_request_that_comes_while_a_copy_is_waited_for_ends_the_step() -> None:
+    # The copy is waited for in slices; the driver is asked between two.
+    engine, (space,) = setup(A)
+    scanner = engine.scanner
+    assert scanner.step(N) == BATCH_PAGES
+    (ahead,) = space.started
+    ahead.held = True
+    scanner.interrupt_when(lambda: len(ahead.waits) >= 3)  # a request comes during the second slice
+    assert scanner.step(N) == 0
+    assert ahead.waits == [0.0, COPY_WAIT_SLICE, COPY_WAIT_SLICE] and ahead.results == 0
+    ahead.done = True
+    assert scanner.step(N) == BATCH_PAGES
+    assert (ahead.results, ahead.waited) == (1, False)
     check_engine(engine)
 
 

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -64,3 +65,22 @@ def test_no_more_reads_than_the_ring_holds_are_taken() -> None:
         assert e.value.errno == errno.EBUSY
         assert [ring.wait(t) for t in tokens] == [8] * ring.capacity
         assert ring.wait(ring.read(fd, addr, 8, 0)) == 8  # room again
+
+
+def test_a_wait_with_a_timeout_ends_at_the_timeout_or_at_the_completion() -> None:
+    assert ring is not None
+    rd, wr = os.pipe()
+    try:
+        with file_and_buffers(b"") as (_, bufs, (addr,)):
+            # A pipe with nothing in it: the read waits for a writer.
+            token = ring.read(rd, addr, 4096, (1 << 64) - 1)  # offset -1: the pipe's own position
+            t0 = time.perf_counter()
+            assert not ring.done(token, 0.02)
+            waited = time.perf_counter() - t0
+            assert waited >= 0.02
+            os.write(wr, b"now")
+            assert ring.done(token, 10.0)
+            assert ring.wait(token) == 3 and bufs[0][:3] == b"now"
+    finally:
+        os.close(rd)
+        os.close(wr)
