@@ -12,8 +12,10 @@ runs in our process's name and copies while we compute; its completion
 lands in the other ring, where we look for it without a system call.
 
 Only what the scanner needs is here: :class:`Ring` with one operation,
-:meth:`Ring.read`, its completion by polling (:meth:`Ring.done`) or
-waiting (:meth:`Ring.wait`).  A ring is made per process on first use
+:meth:`Ring.read`, its completion by polling (:meth:`Ring.done`, which may
+also wait up to a timeout: the scanner waits for a copy in slices, and
+asks between two whether a request waits) or by waiting
+(:meth:`Ring.wait`).  A ring is made per process on first use
 (:func:`ring`), with its io-wq capped at one worker: only one read is ever
 ahead, and the other CPU is the clients' too.  The worker exits after a few
 seconds idle, so the daemon has no thread but its own once the scanner
