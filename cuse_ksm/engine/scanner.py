@@ -107,6 +107,10 @@ WINDOW_SECONDS = 0.01
 # run (on 2 CPUs, reading ahead while a client calls ioctls back to back
 # made the p99 of its round trips 3x worse, docs/benchmarks.md row 10).
 AHEAD_PAUSE = 0.01
+# ... and meanwhile a batch's pages are read this many at a time: no read
+# ahead, so the scanner copies them itself, and a request that arrives
+# during a copy waits for all of it (128 pages: 150-250 us here).
+ASKED_READ_PAGES = 2 * INTERRUPT_PAGES
 # A copy still being made when the scanner needs it is waited for in slices
 # of this long, the driver asked between two: the copy usually takes well
 # under a millisecond, but one whose kernel worker is not running can take
@@ -494,8 +498,12 @@ class Scanner:
                 win = ahead
             buf = ahead.buf
         if win is None:
-            # Nothing read ahead (a new mapped run, a slot, a pass, or a
-            # window dropped): this batch is read now, as the window.
+            # Nothing read ahead (a new mapped run, a slot, a pass, a window
+            # dropped, or no read ahead since a request): this batch is read
+            # now, as the window; only ASKED_READ_PAGES of it while requests
+            # come (AHEAD_PAUSE), since a request waits for the whole read.
+            if now < self._ahead_from:
+                n = min(n, ASKED_READ_PAGES)
             found = slot.space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._bufs[buf])
             win = _Window(slot, idx, idx + n, buf, self._epoch, now, None)
             win.found = found

@@ -9,7 +9,7 @@ from xxhash import xxh3_64_intdigest
 from cuse_ksm.abi import PAGE_SIZE
 from cuse_ksm.engine import Engine
 from cuse_ksm.engine.check import check_engine
-from cuse_ksm.engine.scanner import AHEAD_PAUSE, BATCH_PAGES, COPY_WAIT_SLICE, WINDOW_PAGES
+from cuse_ksm.engine.scanner import AHEAD_PAUSE, ASKED_READ_PAGES, BATCH_PAGES, COPY_WAIT_SLICE, WINDOW_PAGES
 from tests.engine.fakes import FakeSpace, unique_page
 
 A = 0x7F00_0000_0000
@@ -202,6 +202,24 @@ def test_no_read_ahead_starts_for_ahead_pause_after_a_request_interrupted() -> N
     scanner._ahead_from -= AHEAD_PAUSE  # the pause is over
     scanner.step(N)
     assert len(space.started) == started + 1
+
+
+def test_while_requests_come_the_scanner_reads_a_few_pages_at_a_time() -> None:
+    # No read ahead then, so the scanner copies each batch itself, and a
+    # request that arrives meanwhile waits for the whole copy.
+    engine, (space,) = setup(A)
+    scanner = engine.scanner
+    engine.interrupt_when(lambda: True)
+    assert engine.interrupted()  # a request, as kksmd sees one between two steps
+    engine.interrupt_when(None)
+    assert scanner.step(N) == ASKED_READ_PAGES < BATCH_PAGES
+    assert scanner.step(N) == ASKED_READ_PAGES
+    assert space.reads == 2 and space.started == []
+    scanner._ahead_from -= AHEAD_PAUSE  # the pause is over: the rest of the batch, and the window after it
+    assert scanner.step(N) == BATCH_PAGES - 2 * ASKED_READ_PAGES
+    assert space.reads == 4 and len(space.started) == 1
+    assert scanner.tally.items == BATCH_PAGES
+    check_engine(engine)
 
 
 def test_a_request_the_driver_sees_between_steps_pauses_the_read_ahead_too() -> None:
