@@ -130,9 +130,10 @@ async def scan(engine: Engine, npages: int, quiet: _Quiet | None = None) -> None
         # A step may return 0 while pages are left: its read ahead was not
         # done and a request waits (Scanner._window).  That is the case
         # below (the request still waits: nothing read it since), which
-        # yields; after that engine.interrupted() (quiet.interrupts underneath)
-        # says no for SCAN_AT_LEAST, so the next step waits for the read if it must: the loop never
-        # spins without yielding, and the scan goes on.
+        # yields; after that engine.interrupted() (quiet.interrupts
+        # underneath) says no for SCAN_AT_LEAST, so the next step waits for
+        # the read if it must: the loop never spins without yielding, and
+        # the scan goes on.
         left -= engine.scan_step(left)
         # Asked through the engine, which notes a yes as the scanner's own
         # (no read ahead for a while: the copy would take the CPU that the

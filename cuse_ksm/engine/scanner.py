@@ -473,6 +473,7 @@ class Scanner:
         read is collected at the next step.
         """
         now = time.perf_counter()
+        asked = now < self._ahead_from  # a request came within AHEAD_PAUSE
         win = self._win
         if win is not None:
             if win.fresh(slot, self._epoch, now) and win.lo <= idx < win.hi:
@@ -502,7 +503,7 @@ class Scanner:
             # dropped, or no read ahead since a request): this batch is read
             # now, as the window; only ASKED_READ_PAGES of it while requests
             # come (AHEAD_PAUSE), since a request waits for the whole read.
-            if now < self._ahead_from:
+            if asked:
                 n = min(n, ASKED_READ_PAGES)
             found = slot.space.read_pages(slot.base + (idx << PAGE_SHIFT), n, self._bufs[buf])
             win = _Window(slot, idx, idx + n, buf, self._epoch, now, None)
@@ -511,7 +512,7 @@ class Scanner:
             return win  # the process is gone: nothing to read ahead
         self._win = win
         lo, hi = win.hi, min(end, win.hi + WINDOW_PAGES, idx + budget)
-        if lo < hi and now >= self._ahead_from:
+        if lo < hi and not asked:
             other = buf ^ 1
             try:
                 read = slot.space.start_read(slot.base + (lo << PAGE_SHIFT), hi - lo, self._bufs[other])

@@ -173,7 +173,7 @@ class Ring:
         # The entry is written before the tail that publishes it: stores are
         # not reordered with stores on x86 (hence x86_64 only, see ring()).
         sqw[self._sq_tail] = (tail + 1) & 0xFFFFFFFF
-        if syscall(_SYS_IO_URING_ENTER, self.fd, 1, 0, 0, None, 0) != 1:
+        if self._enter(1, 0, 0) != 1:
             e = ctypes.get_errno()
             # Not consumed: take the entry back, so the next read overwrites it.
             sqw[self._sq_tail] = tail
@@ -218,16 +218,32 @@ class Ring:
         """Wait in the kernel until a completion is posted, or ``timeout`` s have passed (None: no limit)."""
         if timeout is not None and self._timed_waits:
             self._ts.tv_sec, self._ts.tv_nsec = divmod(int(timeout * 1e9), 1_000_000_000)
-            flags, arg, size = _IORING_ENTER_GETEVENTS | _IORING_ENTER_EXT_ARG, ctypes.byref(self._arg), 24
+            res = self._enter(0, 1, _IORING_ENTER_GETEVENTS | _IORING_ENTER_EXT_ARG, self._arg)
         else:
-            flags, arg, size = _IORING_ENTER_GETEVENTS, None, 0
-        # syscall() is variadic: each argument is given its C type, so that
-        # no register the kernel reads in full holds stray upper bits.
-        enter = (ctypes.c_uint(0), ctypes.c_uint(1), ctypes.c_uint(flags), arg, ctypes.c_size_t(size))
-        if syscall(_SYS_IO_URING_ENTER, ctypes.c_int(self.fd), *enter) < 0:
+            res = self._enter(0, 1, _IORING_ENTER_GETEVENTS)
+        if res < 0:
             e = ctypes.get_errno()
             if e not in (errno.EINTR, errno.ETIME):
                 raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
+
+    def _enter(self, to_submit: int, min_complete: int, flags: int, arg: _GeteventsArg | None = None) -> int:
+        """io_uring_enter(2) on this ring; -1 with errno set on failure.
+
+        syscall() is variadic: each argument is given its C type, so that no
+        register the kernel reads in full holds stray upper bits.
+        """
+        argp, size = (ctypes.byref(arg), ctypes.sizeof(arg)) if arg is not None else (None, 0)
+        return int(
+            syscall(
+                _SYS_IO_URING_ENTER,
+                ctypes.c_int(self.fd),
+                ctypes.c_uint(to_submit),
+                ctypes.c_uint(min_complete),
+                ctypes.c_uint(flags),
+                argp,
+                ctypes.c_size_t(size),
+            )
+        )
 
 
 _ring: Ring | None = None
